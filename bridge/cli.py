@@ -1,0 +1,256 @@
+"""The ``hl7bridge`` command line.
+
+Signals are handled here and only here: every component below takes a stop
+event or has ``stop()``. stdout carries what a script reads (the ``ready`` line,
+ACK summaries, JSON); logs go to stderr.
+
+Exit codes: 0 success; 1 a message was not accepted (``send``) or a runtime
+failure; 2 bad usage or configuration (the message names the key); 3 a server
+the command needs (ZooKeeper, Kafka) could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from bridge import __version__
+from bridge.config import SETTING_NAMES, Settings, build_settings, option_name
+from bridge.errors import BridgeError, ConfigError, UnavailableError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+log = logging.getLogger("hl7bridge")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # aiokafka logs a line per retry while a broker is away; one is enough.
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("kazoo").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """Run the command's coroutine on uvloop when available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result: int = runner.run(main)
+        return result
+
+
+def _stop_event() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (the only place signals are handled)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+# --- settings options -----------------------------------------------------------------
+
+
+def _add_setting_options(parser: argparse.ArgumentParser, names: tuple[str, ...] = ()) -> None:
+    """One ``--option`` per setting (all of them unless ``names`` is given)."""
+    group = parser.add_argument_group(
+        "settings", "each also settable in the --config YAML file and as HL7BRIDGE_<NAME>"
+    )
+    group.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("HL7BRIDGE_CONFIG"),
+        help="YAML file of settings (env HL7BRIDGE_CONFIG)",
+    )
+    for name, field in Settings.model_fields.items():
+        if names and name not in names:
+            continue
+        default = field.get_default(call_default_factory=False)
+        shown = "" if default is None or field.default_factory else f" (default: {default})"
+        if isinstance(default, tuple):
+            shown = f" (default: {','.join(default)})"
+        group.add_argument(
+            option_name(name),
+            dest=name,
+            metavar=name.upper(),
+            default=None,
+            help=(field.description or name.replace("_", " ")) + shown,
+        )
+
+
+def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in SETTING_NAMES and v is not None}
+
+
+# --- serve ------------------------------------------------------------------------------
+
+
+async def _serve(settings: Settings) -> int:
+    from bridge.service import BridgeInstance
+
+    stop = _stop_event()
+    instance = BridgeInstance(settings)
+    await instance.start()
+    try:
+        _announce(instance.ready_line())
+        await stop.wait()
+        log.info("stopping on signal")
+    finally:
+        await instance.stop()
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = build_settings(file=args.config, cli=_cli_settings(args))
+    _setup_logging(settings.log_level)
+    return _run(_serve(settings))
+
+
+# --- dev ----------------------------------------------------------------------------------
+
+
+async def _dev(args: argparse.Namespace) -> int:
+    from bridge.devstack import DevStack
+    from bridge.service import BridgeInstance
+
+    stop = _stop_event()
+    stack = DevStack(args.data_dir)
+    try:
+        await asyncio.to_thread(stack.start)
+        # The embedded servers win over any file or environment setting.
+        forced = {
+            "zookeeper": stack.zookeeper.hosts,
+            "kafka": stack.broker.bootstrap,
+            "kafka_idempotence": False,
+            "kafka_replication_factor": 1,
+        }
+        base = {"mllp_host": "127.0.0.1", "http_host": "127.0.0.1", "cluster": "dev"}
+        settings = build_settings(
+            file=args.config, cli={**_cli_settings(args), **forced}, base=base
+        )
+        logging.getLogger().setLevel(settings.log_level)
+        async with BridgeInstance(settings) as instance:
+            _announce(instance.ready_line())
+            await stop.wait()
+            log.info("stopping on signal")
+    finally:
+        await asyncio.to_thread(stack.stop)
+    return EXIT_OK
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    _setup_logging("INFO")
+    return _run(_dev(args))
+
+
+# --- send ---------------------------------------------------------------------------------
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from bridge.sender import parse_address, send_files
+
+    host, port = parse_address(args.address)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    return _run(
+        send_files(
+            host,
+            port,
+            [Path(f) for f in args.files],
+            timeout_s=args.timeout_s,
+            as_json=args.json,
+        )
+    )
+
+
+# --- parser and main ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hl7bridge",
+        description=(
+            "HL7 v2 / FHIR R4 integration bridge: MLLP and FHIR in, CloudEvents on Kafka out."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"hl7bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser(
+        "dev",
+        help="run an embedded ZooKeeper and Kafka-protocol broker and one bridge instance",
+        description=(
+            "Start ZooKeeper and the Tansu broker as child processes, create the topics, run "
+            "one bridge instance and print one 'ready ...' line. Ctrl-C or SIGTERM stops all."
+        ),
+    )
+    dev.add_argument("--data-dir", type=Path, default=None, help="keep server data here")
+    _add_setting_options(dev)
+    dev.set_defaults(func=cmd_dev)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run a bridge instance against external ZooKeeper and Kafka",
+        description="Run one bridge instance of a cluster. Prints one 'ready ...' line.",
+    )
+    _add_setting_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    send = sub.add_parser(
+        "send",
+        help="send HL7 v2 messages from files over MLLP and print each ACK",
+        description=(
+            "Send every message in the files over one MLLP connection, waiting for each ACK. "
+            "Prints MSA-1, MSA-2 and any ERR per message; exits 1 if any answer is not AA/CA."
+        ),
+    )
+    send.add_argument("address", metavar="HOST:PORT")
+    send.add_argument("files", metavar="FILE", nargs="+")
+    send.add_argument("--timeout-s", type=float, default=30.0, help="wait this long per ACK")
+    send.add_argument("--json", action="store_true", help="one JSON object per ACK")
+    send.set_defaults(func=cmd_send)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"hl7bridge {args.command}: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnavailableError as exc:
+        print(f"hl7bridge {args.command}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except BridgeError as exc:
+        print(f"hl7bridge {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -1,0 +1,235 @@
+"""Instance settings: one typed, frozen model, from defaults < YAML file < env < CLI.
+
+Every setting has one name, used everywhere: the YAML key (``mllp_port``), the
+environment variable (``HL7BRIDGE_MLLP_PORT``) and the CLI option
+(``--mllp-port``). Unknown keys are refused, never ignored, so a typo cannot
+silently fall back to a default; the error names the key and where it came from.
+
+The cluster-wide part of the configuration (accepted types, channels, rules)
+will live in ZooKeeper; this module holds what one instance needs to start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bridge.errors import ConfigError
+
+ENV_PREFIX = "HL7BRIDGE_"
+#: Environment variables with the prefix that are not settings.
+NON_SETTING_ENV = frozenset({"HL7BRIDGE_CONFIG", "HL7BRIDGE_LOG_FORMAT"})
+
+#: The message families the bridge maps to FHIR (DESIGN.md §6).
+DEFAULT_ACCEPTED_MESSAGE_TYPES = ("ADT", "ORU", "ORM", "OML", "VXU", "MDM", "SIU")
+
+_ZNODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+_MESSAGE_TYPE = re.compile(r"^(\*|[A-Z0-9]{3}(\^[A-Z0-9]{3})?)$")
+
+
+def _default_instance_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:60] or "host"
+    return f"{host}-{uuid.uuid4().hex[:8]}"
+
+
+class Settings(BaseModel):
+    """Settings of one bridge instance. Units are in the names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    # --- coordination -------------------------------------------------------------
+    zookeeper: str = "127.0.0.1:2181"
+    """ZooKeeper connect string, ``host:port[,host:port...][/chroot]``."""
+    zookeeper_chroot: str | None = None
+    """Base path of this cluster's znodes. Default ``/hl7bridge/<cluster>``."""
+    zookeeper_session_timeout_s: float = Field(default=6.0, ge=1.0, le=60.0)
+    cluster: str = "default"
+    instance_id: str = Field(default_factory=_default_instance_id)
+
+    # --- Kafka ----------------------------------------------------------------
+    kafka: str = "127.0.0.1:9092"
+    """Kafka bootstrap servers, ``host:port[,host:port...]``."""
+    topic_prefix: str = "health"
+    kafka_idempotence: bool = True
+    """Idempotent producer. Tansu (the embedded broker) does not support it: off in dev."""
+    kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    kafka_linger_ms: int = Field(default=1, ge=0, le=1000)
+    kafka_publish_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    """How long a message may wait for Kafka's acknowledgement before it is answered AR 207."""
+    kafka_provision_topics: bool = True
+    kafka_partitions: int = Field(default=6, ge=1, le=1000)
+    kafka_replication_factor: int = Field(default=1, ge=1, le=10)
+
+    # --- MLLP -----------------------------------------------------------------
+    mllp_host: str = "0.0.0.0"
+    mllp_port: int = Field(default=2575, ge=0, le=65535)
+    max_frame_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+    max_connections: int = Field(default=1000, ge=1, le=100_000)
+
+    # --- HTTP -----------------------------------------------------------------
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+
+    # --- HL7 v2 handling -----------------------------------------------------
+    accept_message_types: tuple[str, ...] = DEFAULT_ACCEPTED_MESSAGE_TYPES
+    """Message families (``ADT``), exact types (``ADT^A01``) or ``*`` for all."""
+    dedupe_window_s: float = Field(default=3600.0, ge=0)
+    """A resent message (same sender, same MSH-10) within this window is not published again."""
+    dedupe_max_entries: int = Field(default=200_000, ge=0)
+
+    # --- lifecycle ------------------------------------------------------------
+    drain_timeout_s: float = Field(default=10.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("cluster", "instance_id")
+    @classmethod
+    def _znode_name(cls, value: str) -> str:
+        if not _ZNODE_NAME.match(value):
+            raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        if not _TOPIC_PREFIX.match(value):
+            raise ValueError("must be 1-100 characters of letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("zookeeper_chroot")
+    @classmethod
+    def _chroot(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/") or value.endswith("/") or "//" in value:
+            raise ValueError("must be an absolute znode path like /hl7bridge/prod")
+        return value
+
+    @field_validator("zookeeper", "kafka")
+    @classmethod
+    def _servers(cls, value: str) -> str:
+        servers = value.split("/", 1)[0]
+        for server in servers.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be host:port[,host:port...]")
+        return value
+
+    @field_validator("accept_message_types", mode="before")
+    @classmethod
+    def _accept_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in re.split(r"[,\s]+", value) if part]
+        return value
+
+    @field_validator("accept_message_types")
+    @classmethod
+    def _accept_entries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            if not _MESSAGE_TYPE.match(entry):
+                raise ValueError(
+                    f"entry {entry!r} is not '*', a family like ADT or a type like ADT^A01"
+                )
+        return value
+
+    # --- derived ----------------------------------------------------------------
+    @property
+    def zookeeper_servers(self) -> str:
+        """The connect string without any chroot suffix."""
+        return self.zookeeper.split("/", 1)[0]
+
+    @property
+    def zookeeper_base_path(self) -> str:
+        """Where this cluster's znodes live: connect-string chroot + cluster chroot."""
+        _, _, hosts_chroot = self.zookeeper.partition("/")
+        prefix = "/" + hosts_chroot.strip("/") if hosts_chroot.strip("/") else ""
+        return prefix + (self.zookeeper_chroot or f"/hl7bridge/{self.cluster}")
+
+
+SETTING_NAMES: frozenset[str] = frozenset(Settings.model_fields)
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def option_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file; the document must be a mapping of setting names."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", key="config") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}", key="config") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings", key="config")
+    return {str(k): v for k, v in data.items()}
+
+
+def env_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """Settings from ``HL7BRIDGE_*`` variables; an unknown variable is an error."""
+    found: dict[str, str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in NON_SETTING_ENV:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in SETTING_NAMES:
+            raise ConfigError(f"unknown setting in environment variable {name}", key=key)
+        found[key] = value
+    return found
+
+
+def build_settings(
+    *,
+    file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the layers (``base`` < file < env < cli) and validate once.
+
+    Each value remembers its origin, so an error names both the key and where it
+    was set (``mllp_port (from HL7BRIDGE_MLLP_PORT): ...``).
+    """
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+
+    def layer(values: Mapping[str, Any], describe: Any) -> None:
+        for key, value in values.items():
+            if key not in SETTING_NAMES:
+                raise ConfigError(f"unknown setting {key!r} ({describe(key)})", key=key)
+            merged[key] = value
+            origin[key] = describe(key)
+
+    layer(base or {}, lambda k: "default for this command")
+    if file is not None:
+        layer(load_yaml(file), lambda k: f"config file {file}")
+    layer(env_settings(os.environ if environ is None else environ), env_name)
+    layer({k: v for k, v in (cli or {}).items() if v is not None}, option_name)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        problems = []
+        key = None
+        for error in exc.errors():
+            key = str(error["loc"][0]) if error["loc"] else None
+            where = f" (from {origin[key]})" if key in origin else ""
+            problems.append(f"{key}{where}: {error['msg']}")
+        raise ConfigError("invalid setting " + "; ".join(problems), key=key) from None

@@ -1,0 +1,236 @@
+"""ZooKeeper through kazoo, seen from asyncio: a session wrapper and membership.
+
+kazoo runs its own threads. Every blocking kazoo call here runs in a worker
+thread (``asyncio.to_thread``) so the event loop never waits on ZooKeeper, and
+kazoo's state callbacks are carried into the loop with ``call_soon_threadsafe``.
+
+Failure handling, up front:
+
+* SUSPENDED (connection lost, session maybe alive): listeners are told at once;
+  singleton work pauses. Membership needs nothing: the ephemeral node survives
+  if the session does.
+* LOST (session expired): every ephemeral node of ours is gone. kazoo reconnects
+  with a new session; when it is CONNECTED again the member node is re-created.
+* Errors from kazoo are mapped to :class:`CoordinationError`, cause kept.
+
+Znodes hold ids, ports and counts only, never PHI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import orjson
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.retry import KazooRetry
+
+from bridge.errors import CoordinationError, LifecycleError
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+StateListener = Callable[[str], None]
+
+
+class ZooKeeperSession:
+    """One kazoo client, its base path, and its state carried into asyncio."""
+
+    def __init__(
+        self,
+        servers: str,
+        base_path: str,
+        *,
+        session_timeout_s: float = 6.0,
+        connect_timeout_s: float = 15.0,
+    ) -> None:
+        self.servers = servers
+        self.base_path = base_path.rstrip("/") or "/"
+        self._session_timeout_s = session_timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._client: KazooClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listeners: list[StateListener] = []
+        self._stopped = False
+        #: ``CONNECTED``, ``SUSPENDED`` or ``LOST``, as last seen by the loop.
+        self.state = "LOST"
+
+    @property
+    def client(self) -> KazooClient:
+        if self._client is None:
+            raise LifecycleError("ZooKeeperSession used before start()")
+        return self._client
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "CONNECTED"
+
+    def path(self, *parts: str) -> str:
+        """An absolute znode path under this cluster's base path."""
+        tail = "/".join(p.strip("/") for p in parts if p)
+        if not tail:
+            return self.base_path
+        return f"{self.base_path}/{tail}" if self.base_path != "/" else f"/{tail}"
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Call ``listener(state)`` on the event loop at every state change."""
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        if self._client is not None:
+            raise LifecycleError("ZooKeeperSession.start() called twice")
+        self._loop = asyncio.get_running_loop()
+        client = KazooClient(
+            hosts=self.servers,
+            timeout=self._session_timeout_s,
+            connection_retry=KazooRetry(max_tries=-1, delay=0.2, max_delay=2.0),
+            command_retry=KazooRetry(max_tries=3, delay=0.1, max_delay=1.0),
+        )
+        self._client = client
+        client.add_listener(self._on_state)
+        try:
+            await asyncio.to_thread(client.start, self._connect_timeout_s)
+        except KazooTimeoutError as exc:
+            await asyncio.to_thread(client.close)
+            raise CoordinationError(
+                f"cannot connect to ZooKeeper at {self.servers} within "
+                f"{self._connect_timeout_s:g} s"
+            ) from exc
+        self.state = "CONNECTED"
+        await self.call(client.ensure_path, self.base_path)
+
+    async def stop(self) -> None:
+        """Close the session (its ephemeral nodes go at once). Idempotent."""
+        if self._client is None or self._stopped:
+            return
+        self._stopped = True
+        client = self._client
+        await asyncio.to_thread(client.stop)
+        await asyncio.to_thread(client.close)
+        self.state = "LOST"
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking kazoo call in a thread; map its errors to ours."""
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (NodeExistsError, NoNodeError):
+            raise
+        except (KazooException, KazooTimeoutError) as exc:
+            raise CoordinationError(f"ZooKeeper call failed: {type(exc).__name__}") from exc
+
+    def _on_state(self, state: str) -> None:
+        # kazoo's thread: never block here; hand over to the loop.
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        name = {
+            KazooState.CONNECTED: "CONNECTED",
+            KazooState.SUSPENDED: "SUSPENDED",
+            KazooState.LOST: "LOST",
+        }.get(state, str(state))
+        loop.call_soon_threadsafe(self._deliver, name)
+
+    def _deliver(self, state: str) -> None:
+        previous, self.state = self.state, state
+        if previous != state:
+            log.info("zookeeper session %s -> %s", previous, state)
+        for listener in list(self._listeners):
+            try:
+                listener(state)
+            except Exception:  # a listener's defect must not stop the others
+                log.exception("zookeeper state listener failed")
+
+
+class Membership:
+    """This instance's ephemeral node under ``<base>/members/<instance-id>``.
+
+    The node holds JSON: host, ports, version, start time, load. After a session
+    loss the node is re-created as soon as a new session is connected.
+    """
+
+    def __init__(
+        self,
+        session: ZooKeeperSession,
+        instance_id: str,
+        describe: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._session = session
+        self.instance_id = instance_id
+        self._describe = describe
+        self._joined = False
+        self._rejoin: asyncio.Task[None] | None = None
+        self._lost_since_join = False
+        session.add_listener(self._on_state)
+
+    @property
+    def path(self) -> str:
+        return self._session.path("members", self.instance_id)
+
+    async def join(self) -> None:
+        client = self._session.client
+        data = orjson.dumps(self._describe())
+        await self._session.call(client.ensure_path, self._session.path("members"))
+        try:
+            await self._session.call(client.create, self.path, data, ephemeral=True)
+        except NodeExistsError:
+            raise CoordinationError(
+                f"instance id {self.instance_id!r} is already a live member of this cluster"
+            ) from None
+        self._joined = True
+        log.info("joined cluster as member %s", self.instance_id)
+
+    async def update(self) -> None:
+        """Refresh the node's data (load, ports)."""
+        if not self._joined or not self._session.connected:
+            return
+        client = self._session.client
+        try:
+            await self._session.call(client.set, self.path, orjson.dumps(self._describe()))
+        except NoNodeError:
+            await self._recreate()
+
+    async def leave(self) -> None:
+        if self._rejoin is not None:
+            self._rejoin.cancel()
+        if not self._joined:
+            return
+        self._joined = False
+        if self._session.connected:
+            with contextlib.suppress(NoNodeError, CoordinationError):
+                await self._session.call(self._session.client.delete, self.path)
+
+    def _on_state(self, state: str) -> None:
+        if state == "LOST":
+            self._lost_since_join = True
+        elif state == "CONNECTED" and self._joined and self._lost_since_join:
+            self._lost_since_join = False
+            self._rejoin = asyncio.get_running_loop().create_task(self._recreate())
+
+    async def _recreate(self) -> None:
+        client = self._session.client
+        data = orjson.dumps(self._describe())
+        try:
+            await self._session.call(client.create, self.path, data, ephemeral=True)
+            log.info("re-created member node %s after session loss", self.instance_id)
+        except NodeExistsError:
+            pass
+        except CoordinationError:
+            log.warning("could not re-create member node %s; will retry", self.instance_id)
+
+
+async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float) -> bool:
+    """Poll an async condition until true or the deadline (tests and CLI helpers)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        if await condition():
+            return True
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.05)

@@ -1,0 +1,308 @@
+"""The HL7 v2 pipeline: parse ▸ validate ▸ dedupe ▸ normalize ▸ publish ▸ ACK.
+
+No sockets here: the MLLP server hands a frame in and writes back the bytes this
+returns. The ACK contract (DESIGN.md §5) is kept in one place, ``handle_frame``:
+
+* AA (CA in enhanced mode) only after the raw message and its event are
+  acknowledged by Kafka (acks=all);
+* AE + ERR for content errors, AR + ERR 200/201/202/203 for what the channel
+  does not take; those messages go to the DLQ with the reason in headers;
+* AR + ERR 207 when Kafka cannot take it (or the DLQ write fails): the sender
+  keeps the message and retries, so nothing the bridge answered is lost;
+* a resend of an accepted message is answered like the original, not published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import orjson
+
+from adapters.hl7v2.ack import (
+    AckError,
+    ack_error_from,
+    build_ack,
+    header_for_unparseable,
+    map_ack_code,
+)
+from adapters.hl7v2.er7 import (
+    Hl7Message,
+    MessageHeader,
+    parse_message,
+    patient_key,
+    validate_header,
+)
+from adapters.mllp.server import RejectReason
+from bridge.dedupe import DuplicateFilter, content_fingerprint
+from bridge.envelope import (
+    HL7V2_ER7,
+    EventAttributes,
+    hl7v2_event_id,
+    hl7v2_event_type,
+    hl7v2_source,
+    now_rfc3339,
+)
+from bridge.errors import (
+    BridgeError,
+    MessageError,
+    MessageTooLarge,
+    OverloadedError,
+    UnavailableError,
+    UnsupportedMessageType,
+)
+from bridge.kafka import Delivered, Headers, OutRecord, Topics
+from bridge.metrics import BridgeMetrics
+from bridge.normalize.hl7v2_minimal import patient_resource_id, to_fhir_bundle, unmapped_segments
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "mllp"
+_TYPE_LABEL = re.compile(r"^[A-Z][A-Z0-9]{2}\^[A-Z0-9]{3}$")
+
+
+class Publisher(Protocol):
+    async def publish(self, records: Sequence[OutRecord]) -> list[Delivered]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    topics: Topics
+    instance_id: str
+    accept_message_types: tuple[str, ...]
+    max_frame_bytes: int = 1024 * 1024
+
+
+@dataclass(slots=True)
+class _AcceptList:
+    """``*``, families (``ADT``) and exact types (``ADT^A01``), checked in O(1)."""
+
+    everything: bool = False
+    families: frozenset[str] = field(default_factory=frozenset)
+    exact: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def parse(cls, entries: Sequence[str]) -> _AcceptList:
+        return cls(
+            everything="*" in entries,
+            families=frozenset(e for e in entries if "^" not in e and e != "*"),
+            exact=frozenset(e for e in entries if "^" in e),
+        )
+
+    def accepts(self, header: MessageHeader) -> bool:
+        return (
+            self.everything
+            or header.message_code in self.families
+            or f"{header.message_code}^{header.trigger_event}" in self.exact
+        )
+
+
+class Hl7v2Pipeline:
+    """Turns one HL7 v2 frame into Kafka records and the ACK to answer with."""
+
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        publisher: Publisher,
+        dedupe: DuplicateFilter,
+        metrics: BridgeMetrics,
+    ) -> None:
+        self._settings = settings
+        self._publisher = publisher
+        self._dedupe = dedupe
+        self._metrics = metrics
+        self._accept = _AcceptList.parse(settings.accept_message_types)
+        # ACK control ids: unique per instance run, short enough for MSH-10 (ST 20).
+        self._ack_prefix = uuid.uuid4().hex[:8]
+        self._ack_counter = 0
+
+    # --- FrameHandler (adapters.mllp.server) --------------------------------------
+
+    async def handle_frame(self, payload: bytes, peer: str) -> bytes:
+        started = time.perf_counter()
+        ack = await self._process(payload)
+        self._metrics.ack_latency.labels(CHANNEL).observe(time.perf_counter() - started)
+        return ack
+
+    def reject_frame(self, head: bytes, reason: RejectReason) -> bytes:
+        """Answer a frame without processing it: too large, overloaded, shutting down."""
+        header = header_for_unparseable(head)
+        error: BridgeError
+        if reason is RejectReason.TOO_LARGE:
+            error = MessageTooLarge(
+                f"message exceeds max_frame_bytes ({self._settings.max_frame_bytes} bytes)"
+            )
+        elif reason is RejectReason.TOO_MANY_CONNECTIONS:
+            error = OverloadedError("too many connections (max_connections); retry later")
+        elif reason is RejectReason.SHUTTING_DOWN:
+            error = UnavailableError("the bridge instance is shutting down; retry later")
+        else:
+            error = UnavailableError("application internal error; retry later")
+        self._count_rejection(error, header)
+        return self._ack(header, error.ack_code, [ack_error_from(error)])
+
+    # --- the contract ---------------------------------------------------------------
+
+    async def _process(self, payload: bytes) -> bytes:
+        try:
+            message = parse_message(payload)
+        except MessageError as exc:
+            return await self._reject(payload, header_for_unparseable(payload), exc)
+        header = message.header
+        try:
+            validate_header(header)
+            if not self._accept.accepts(header):
+                raise UnsupportedMessageType(
+                    "message type not accepted by this channel (accept_message_types)",
+                    location="MSH-9",
+                )
+        except MessageError as exc:
+            return await self._reject(payload, header, exc)
+
+        key = (header.sender_key, header.control_id)
+        fingerprint = content_fingerprint(message.text)
+        earlier = self._dedupe.lookup(key, fingerprint)
+        if earlier is None:
+            in_flight = self._dedupe.pending(key, fingerprint)
+            if in_flight is not None:
+                earlier = await asyncio.shield(in_flight)
+        if earlier is not None:
+            self._metrics.duplicates.labels(CHANNEL).inc()
+            self._count(earlier, header)
+            return self._ack(header, earlier)
+
+        if self._dedupe.reused(key, fingerprint):
+            log.warning("control id reused with different content by a sender; publishing it")
+            self._metrics.control_id_reuse.labels(CHANNEL).inc()
+        self._dedupe.begin(key, fingerprint)
+        accepted: str | None = None
+        try:
+            try:
+                records = self._records(message, payload, fingerprint)
+            except BridgeError as exc:
+                return await self._reject(payload, header, exc)
+            except Exception as exc:  # a mapping defect must not lose the message
+                log.exception("normalization failed for a %s message", header.message_type)
+                internal = MessageError("message could not be normalized to FHIR")
+                internal.__cause__ = exc
+                return await self._reject(payload, header, internal)
+            try:
+                await self._publisher.publish(records)
+            except UnavailableError as exc:
+                self._count_rejection(exc, header)
+                return self._ack(header, exc.ack_code, [ack_error_from(exc)])
+            accepted = "AA"
+            self._count(accepted, header)
+            return self._ack(header, accepted)
+        finally:
+            self._dedupe.finish(key, fingerprint, accepted)
+
+    async def _reject(
+        self, payload: bytes, header: MessageHeader | None, error: BridgeError
+    ) -> bytes:
+        """Record a rejected message in the DLQ, then answer AE/AR with ERR.
+
+        If the DLQ cannot take it either, answer AR 207 so the sender keeps the
+        message: the bridge never answers without having recorded the outcome.
+        """
+        record = OutRecord(
+            topic=self._settings.topics.dlq,
+            value=payload,
+            key=None,
+            headers=self._dlq_headers(header, error),
+        )
+        try:
+            await self._publisher.publish([record])
+        except UnavailableError as exc:
+            self._metrics.dlq_failures.labels(CHANNEL).inc()
+            self._count_rejection(exc, header)
+            return self._ack(header, exc.ack_code, [ack_error_from(exc)])
+        self._count_rejection(error, header)
+        return self._ack(header, error.ack_code, [ack_error_from(error)])
+
+    # --- records ------------------------------------------------------------------------
+
+    def _records(self, message: Hl7Message, payload: bytes, fingerprint: bytes) -> list[OutRecord]:
+        header = message.header
+        event_id = hl7v2_event_id(header.sender_key, header.control_id, fingerprint)
+        source = hl7v2_source(header.sending_application, header.sending_facility)
+        key_text = patient_key(message)
+        subject = None if key_text is None else f"Patient/{patient_resource_id(key_text)}"
+        # Without a patient, order per sender instead of per patient.
+        record_key = (key_text if key_text is not None else f"sender|{header.sender_key}").encode()
+        bundle = to_fhir_bundle(message, event_id=event_id, source=source)
+        received = now_rfc3339()
+        common = {
+            "id": event_id,
+            "source": source,
+            "time": received,
+            "subject": subject,
+            "hl7_control_id": header.control_id,
+            "hl7_message_type": header.message_type,
+            "hl7_version": header.version_id,
+            "bridge_instance": self._settings.instance_id,
+        }
+        event = EventAttributes(
+            type=hl7v2_event_type(header.message_type),
+            unmapped=tuple(unmapped_segments(message)),
+            **common,  # type: ignore[arg-type]
+        )
+        raw = EventAttributes(
+            type="org.hl7bridge.hl7v2.raw",
+            # The codec actually used: an unlabelled latin-1 message says so.
+            content_type=f"{HL7V2_ER7}; charset={header.codec}".encode(),
+            **common,  # type: ignore[arg-type]
+        )
+        topics = self._settings.topics
+        return [
+            OutRecord(topics.raw_hl7v2, payload, record_key, raw.headers()),
+            OutRecord(topics.events, orjson.dumps(bundle), record_key, event.headers()),
+        ]
+
+    def _dlq_headers(self, header: MessageHeader | None, error: BridgeError) -> Headers:
+        headers: Headers = [
+            ("dlq_reason", error.reason.encode()),
+            ("dlq_ack_code", error.ack_code.encode()),
+            ("dlq_err_code", error.err_code.encode()),
+            ("dlq_message", error.message.encode()),
+            ("dlq_channel", CHANNEL.encode()),
+            ("dlq_time", now_rfc3339().encode()),
+            ("ce_bridgeinstance", self._settings.instance_id.encode()),
+        ]
+        if error.location:
+            headers.append(("dlq_location", error.location.encode()))
+        if header is not None:
+            if header.control_id:
+                headers.append(("ce_hl7controlid", header.control_id.encode()))
+            if header.message_code:
+                headers.append(("ce_hl7messagetype", header.message_type.encode()))
+        return headers
+
+    # --- answers and counts -----------------------------------------------------------
+
+    def _ack(
+        self, header: MessageHeader | None, ack_code: str, errors: Sequence[AckError] = ()
+    ) -> bytes:
+        self._ack_counter += 1
+        return build_ack(
+            header,
+            map_ack_code(ack_code, header),
+            errors=errors,
+            control_id=f"{self._ack_prefix}{self._ack_counter:012d}",
+        )
+
+    def _count(self, ack_code: str, header: MessageHeader) -> None:
+        # Only well-formed type names become label values, so a sender cannot
+        # grow the label set without bound (accept_message_types may be '*').
+        label = header.message_type if _TYPE_LABEL.match(header.message_type) else "other"
+        self._metrics.messages.labels(CHANNEL, ack_code, label).inc()
+
+    def _count_rejection(self, error: BridgeError, header: MessageHeader | None) -> None:
+        self._metrics.messages.labels(CHANNEL, error.ack_code, "other").inc()
+        self._metrics.rejections.labels(CHANNEL, error.reason, error.err_code).inc()

@@ -1,0 +1,119 @@
+"""``hl7bridge send``: an MLLP sender for testers and integration analysts.
+
+Messages go out one at a time on one connection; each waits for its ACK, as
+an EHR interface engine does. Per message it prints where the message came
+from (file and position), MSA-1, MSA-2 and any ERR. A timeout or a dropped
+connection counts as a failure and the next message gets a fresh connection,
+since the old stream's state is unknown.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import orjson
+
+from adapters.hl7v2.er7 import parse_message
+from adapters.hl7v2.files import split_messages
+from adapters.mllp.client import MLLPClient
+from bridge.errors import BridgeError, ConfigError
+
+ACCEPTED = frozenset({"AA", "CA"})
+
+
+@dataclass(slots=True)
+class AckSummary:
+    file: str
+    index: int
+    ack_code: str
+    control_id: str
+    errors: list[dict[str, str]] = field(default_factory=list)
+    problem: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.ack_code in ACCEPTED
+
+    def line(self) -> str:
+        text = f"{self.file}#{self.index} {self.ack_code} {self.control_id}".rstrip()
+        if self.problem:
+            text += f" ({self.problem})"
+        for err in self.errors:
+            parts = [err.get("code", ""), err.get("location", ""), err.get("text", "")]
+            text += "\n  ERR " + " ".join(p for p in parts if p)
+        return text
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address {address!r} is not HOST:PORT", key="address")
+    return host.strip("[]"), int(port)
+
+
+def summarize_ack(file: str, index: int, ack: bytes) -> AckSummary:
+    """MSA-1, MSA-2 and the ERR segments of an ACK (any version's ERR layout)."""
+    try:
+        message = parse_message(ack)
+    except BridgeError:
+        return AckSummary(file, index, "??", "", problem="the answer is not an HL7 ACK")
+    summary = AckSummary(file, index, message.field("MSA", 1) or "??", message.field("MSA", 2))
+    for err in message.all_segments("ERR"):
+        fields = err + [""] * (9 - len(err))
+        if fields[3]:  # v2.5+: ERR-2 location, ERR-3 code^text, ERR-8 user message
+            code, _, rest = fields[3].partition("^")
+            location = fields[2].replace("^", "-", 1).split("^")[0] if fields[2] else ""
+            text = fields[8] or rest.split("^")[0]
+            summary.errors.append({"code": code, "location": location, "text": text})
+        elif fields[1]:  # v2.3/2.4: ERR-1 segment^sequence^field^code&text
+            components = fields[1].split("^")
+            code_text = components[3].split("&") if len(components) > 3 else [""]
+            location = f"{components[0]}-{components[2]}" if len(components) > 2 else ""
+            text = code_text[1] if len(code_text) > 1 else ""
+            summary.errors.append({"code": code_text[0], "location": location, "text": text})
+    return summary
+
+
+async def send_files(
+    host: str, port: int, files: list[Path], *, timeout_s: float, as_json: bool
+) -> int:
+    """Send every message in ``files``; 0 if every answer was AA/CA, else 1."""
+    batches: list[tuple[str, list[bytes]]] = []
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}", key="file") from exc
+        messages = split_messages(data)
+        if not messages:
+            raise ConfigError(f"{path} holds no HL7 v2 message (no MSH segment)", key="file")
+        batches.append((str(path), messages))
+
+    failures = 0
+    client: MLLPClient | None = None
+    try:
+        for name, messages in batches:
+            for index, message in enumerate(messages, start=1):
+                try:
+                    if client is None:
+                        client = await MLLPClient.connect(host, port, timeout_s=timeout_s)
+                    ack = await client.send(message, timeout_s=timeout_s)
+                    summary = summarize_ack(name, index, ack)
+                except (TimeoutError, ConnectionError, OSError) as exc:
+                    problem = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+                    summary = AckSummary(name, index, "--", "", problem=problem)
+                    if client is not None:
+                        await client.close()
+                    client = None
+                if not summary.accepted:
+                    failures += 1
+                out = orjson.dumps(asdict(summary)).decode() if as_json else summary.line()
+                print(out, flush=True)
+    finally:
+        if client is not None:
+            await client.close()
+    total = sum(len(m) for _, m in batches)
+    print(f"{total - failures} accepted, {failures} not accepted", file=sys.stderr)
+    return 0 if failures == 0 else 1

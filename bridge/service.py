@@ -1,0 +1,230 @@
+"""One bridge instance: its parts, started in order and stopped in reverse.
+
+The shutdown order is written here once (DESIGN.md, STYLE.md habit 4):
+
+1. stop accepting (MLLP listener closed; frames already received are finished
+   and answered, bounded by ``drain_timeout_s``);
+2. stop the HTTP side;
+3. flush Kafka (everything answered AA has been acknowledged already; this
+   only drains what is still in the producer);
+4. leave the cluster (member node deleted) and close the ZooKeeper session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from adapters.mllp.server import MLLPServer, MLLPServerSettings
+from bridge import __version__
+from bridge.config import Settings
+from bridge.coordination import Membership, ZooKeeperSession
+from bridge.dedupe import DuplicateFilter
+from bridge.errors import BridgeError, LifecycleError
+from bridge.kafka import KafkaPublisher, Topics, ensure_topics
+from bridge.metrics import BridgeMetrics
+from bridge.pipeline import Hl7v2Pipeline, PipelineSettings
+from bridge.web import build_app
+
+log = logging.getLogger(__name__)
+
+#: How often the member node's load figures are refreshed.
+MEMBER_REFRESH_S = 10.0
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+class BridgeInstance:
+    """A running bridge: ZooKeeper member, Kafka publisher, MLLP and HTTP listeners."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.metrics = BridgeMetrics()
+        self.started_at = datetime.now(UTC)
+        self.zookeeper = ZooKeeperSession(
+            settings.zookeeper_servers,
+            settings.zookeeper_base_path,
+            session_timeout_s=settings.zookeeper_session_timeout_s,
+        )
+        self.publisher = KafkaPublisher(
+            settings.kafka,
+            client_id=f"hl7bridge-{settings.instance_id}",
+            idempotence=settings.kafka_idempotence,
+            compression=settings.kafka_compression,
+            linger_ms=settings.kafka_linger_ms,
+            publish_timeout_s=settings.kafka_publish_timeout_s,
+        )
+        self.pipeline = Hl7v2Pipeline(
+            PipelineSettings(
+                topics=self.topics,
+                instance_id=settings.instance_id,
+                accept_message_types=settings.accept_message_types,
+                max_frame_bytes=settings.max_frame_bytes,
+            ),
+            self.publisher,
+            DuplicateFilter(
+                window_s=settings.dedupe_window_s, max_entries=settings.dedupe_max_entries
+            ),
+            self.metrics,
+        )
+        self.mllp = MLLPServer(
+            MLLPServerSettings(
+                host=settings.mllp_host,
+                port=settings.mllp_port,
+                max_frame_bytes=settings.max_frame_bytes,
+                idle_timeout_s=settings.idle_timeout_s,
+                max_connections=settings.max_connections,
+                drain_timeout_s=settings.drain_timeout_s,
+            ),
+            self.pipeline,
+        )
+        self.membership = Membership(self.zookeeper, settings.instance_id, self._describe)
+        self._runner: web.AppRunner | None = None
+        self._http_port = 0
+        self._refresh: asyncio.Task[None] | None = None
+        self._state = "new"
+
+    # --- addresses --------------------------------------------------------------------
+
+    @property
+    def mllp_address(self) -> str:
+        return f"{_display_host(self.settings.mllp_host)}:{self.mllp.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_display_host(self.settings.http_host)}:{self._http_port}"
+
+    def ready_line(self) -> str:
+        """The one stdout line scripts wait for."""
+        return (
+            f"ready mllp={self.mllp_address} http={self.http_url} "
+            f"zookeeper={self.settings.zookeeper} kafka={self.settings.kafka} "
+            f"instance={self.settings.instance_id} cluster={self.settings.cluster}"
+        )
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "kafka": self.publisher.started,
+            "zookeeper": self.zookeeper.connected,
+            "mllp": self._state == "running",
+        }
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise LifecycleError("BridgeInstance.start() called twice")
+        self._state = "starting"
+        try:
+            await self.zookeeper.start()
+            await self.publisher.start()
+            if self.settings.kafka_provision_topics:
+                await ensure_topics(
+                    self.settings.kafka,
+                    self.topics.all(),
+                    partitions=self.settings.kafka_partitions,
+                    replication_factor=self.settings.kafka_replication_factor,
+                )
+            await self.mllp.start()
+            await self._start_http()
+            await self.membership.join()
+        except BaseException:
+            await self.stop()
+            raise
+        self._refresh = asyncio.get_running_loop().create_task(self._refresh_member())
+        self._state = "running"
+        self.metrics.ready.set(1)
+        log.info(
+            "instance %s running: mllp port %d, http port %d",
+            self.settings.instance_id,
+            self.mllp.port,
+            self._http_port,
+        )
+
+    async def stop(self) -> None:
+        """Stop in the written order. Idempotent; safe after a failed start()."""
+        if self._state in ("stopping", "stopped"):
+            return
+        self._state = "stopping"
+        self.metrics.ready.set(0)
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
+        steps = (
+            ("mllp", self.mllp.stop),
+            ("http", self._stop_http),
+            ("kafka", self.publisher.stop),
+            ("membership", self.membership.leave),
+            ("zookeeper", self.zookeeper.stop),
+        )
+        for name, step in steps:
+            try:
+                await step()
+            except (BridgeError, OSError) as exc:
+                log.warning("stopping %s failed: %s", name, type(exc).__name__)
+        self._state = "stopped"
+
+    async def __aenter__(self) -> BridgeInstance:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # --- parts ----------------------------------------------------------------------------
+
+    async def _start_http(self) -> None:
+        app = build_app(self.metrics, self.readiness)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
+        await site.start()
+        server = site._server  # aiohttp exposes no public accessor for the bound port
+        sockets = getattr(server, "sockets", None) or []
+        self._http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
+
+    async def _stop_http(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.settings.instance_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "mllp_port": self.mllp.port if self._state != "new" else None,
+            "http_port": self._http_port,
+            "version": __version__,
+            "started": self.started_at.isoformat(),
+            "load": {
+                "mllp_connections": self.mllp.connection_count,
+                "frames_received": self.mllp.frames_received,
+            },
+        }
+
+    async def _refresh_member(self) -> None:
+        while True:
+            await asyncio.sleep(MEMBER_REFRESH_S)
+            try:
+                await self.membership.update()
+            except BridgeError as exc:
+                log.warning("member refresh failed: %s", type(exc).__name__)

@@ -1,0 +1,329 @@
+"""MLLP into Kafka against a real ZooKeeper and the real Tansu broker.
+
+Each test gets its own topic prefix and ZooKeeper chroot; the servers are the
+session's (or the test's own broker where it is stopped on purpose).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from kazoo.client import KazooClient
+
+from adapters.hl7v2.ack import map_ack_code
+from adapters.hl7v2.er7 import parse_message
+from adapters.hl7v2.files import split_messages
+from adapters.mllp.client import MLLPClient
+from bridge.config import DEFAULT_ACCEPTED_MESSAGE_TYPES, Settings
+from bridge.dedupe import content_fingerprint
+from bridge.envelope import hl7v2_event_id
+from bridge.kafka import ensure_topics
+from bridge.sender import summarize_ack
+from bridge.service import BridgeInstance
+from tests.kafka_helpers import read_topic
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+InstanceFactory = Callable[..., Any]
+
+
+def _settings(zk_hosts: str, bootstrap: str, prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "zookeeper": zk_hosts,
+        "kafka": bootstrap,
+        "topic_prefix": prefix,
+        "kafka_idempotence": False,
+        "kafka_partitions": 3,
+        "kafka_publish_timeout_s": 3.0,
+        "mllp_host": "127.0.0.1",
+        "mllp_port": 0,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
+        "cluster": "it",
+        "instance_id": "it-1",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+async def start_instance(
+    zookeeper: Any, zk_chroot: str, topic_prefix: str
+) -> AsyncIterator[Callable[..., Any]]:
+    started: list[BridgeInstance] = []
+
+    async def start(bootstrap: str, **overrides: Any) -> BridgeInstance:
+        settings = _settings(f"{zookeeper.hosts}{zk_chroot}", bootstrap, topic_prefix, **overrides)
+        instance = BridgeInstance(settings)
+        await instance.start()
+        started.append(instance)
+        return instance
+
+    yield start
+    for instance in reversed(started):
+        await instance.stop()
+
+
+async def _send_all(instance: BridgeInstance, messages: list[bytes]) -> list[bytes]:
+    async with MLLPClient("127.0.0.1", instance.mllp.port) as client:
+        return [await client.send(m, timeout_s=15) for m in messages]
+
+
+def _msa(ack: bytes) -> tuple[str, str]:
+    message = parse_message(ack)
+    return message.field("MSA", 1), message.field("MSA", 2)
+
+
+def _err(ack: bytes, field_no: int) -> str:
+    """A whole ERR field, components included (ERR-3 is code^text^HL70357)."""
+    segment = parse_message(ack).segment("ERR")
+    assert segment is not None, ack
+    return segment[field_no]
+
+
+def _err_code(ack: bytes) -> str:
+    """The first ERR's table 0357 code, whatever the ACK's version (ERR-3 or ERR-1)."""
+    errors = summarize_ack("ack", 1, ack).errors
+    assert errors, ack
+    return errors[0]["code"]
+
+
+def _headers(record: Any) -> dict[str, bytes]:
+    return {k: v for k, v in record.headers}
+
+
+def _corpus_messages(corpus_dir: Path) -> list[tuple[str, bytes]]:
+    folder = corpus_dir / "microsoft-fhir-converter" / "data" / "SampleData" / "Hl7v2"
+    found = []
+    for path in sorted(folder.glob("*.hl7")):
+        for message in split_messages(path.read_bytes()):
+            found.append((path.name, message))
+    assert len(found) >= 139
+    return found
+
+
+async def test_every_accepted_corpus_message_is_acked_and_published_once(
+    start_instance: InstanceFactory, broker: Any, topic_prefix: str, corpus_dir: Path
+) -> None:
+    instance = await start_instance(broker.bootstrap)
+    corpus = _corpus_messages(corpus_dir)
+    acks = await _send_all(instance, [m for _, m in corpus])
+
+    expected_ids: set[str] = set()
+    rejected = 0
+    for (name, message), ack in zip(corpus, acks, strict=True):
+        parsed = parse_message(message)
+        header = parsed.header
+        code, echoed = _msa(ack)
+        assert echoed == header.control_id, name
+        if header.message_code in DEFAULT_ACCEPTED_MESSAGE_TYPES:
+            # enhanced mode (MSH-15 set) answers with commit codes
+            assert code == map_ack_code("AA", header), (name, ack)
+            expected_ids.add(
+                hl7v2_event_id(
+                    header.sender_key, header.control_id, content_fingerprint(parsed.text)
+                )
+            )
+        else:
+            assert code == map_ack_code("AR", header), name
+            assert _err_code(ack) == "200", name
+            rejected += 1
+    assert rejected > 0  # BAR, DFT, OUL, RDE... are in the corpus and not accepted
+
+    raw = await read_topic(
+        broker.bootstrap, f"{topic_prefix}.raw.hl7v2", min_records=len(expected_ids)
+    )
+    events = await read_topic(
+        broker.bootstrap, f"{topic_prefix}.events", min_records=len(expected_ids)
+    )
+    dlq = await read_topic(broker.bootstrap, f"{topic_prefix}.dlq", min_records=rejected)
+    raw_ids = [_headers(r)["ce_id"].decode() for r in raw]
+    event_ids = [_headers(r)["ce_id"].decode() for r in events]
+    assert sorted(raw_ids) == sorted(expected_ids)  # each exactly once
+    assert sorted(event_ids) == sorted(expected_ids)
+    assert len(dlq) == rejected
+
+    for record in events:
+        headers = _headers(record)
+        assert headers["ce_specversion"] == b"1.0"
+        assert headers["content-type"] == b"application/fhir+json"
+        assert headers["ce_type"].startswith(b"org.hl7bridge.hl7v2.")
+        assert headers["ce_source"].startswith(b"urn:hl7v2:")
+        assert headers["ce_time"].endswith(b"Z")
+        assert headers["ce_bridgeinstance"] == b"it-1"
+        bundle = orjson.loads(record.value)
+        assert bundle["resourceType"] == "Bundle"
+        assert bundle["type"] == "message"
+        assert bundle["entry"][0]["resource"]["resourceType"] == "MessageHeader"
+        assert record.key  # the patient key, or the sender for patient-less messages
+
+
+ADT = (
+    "MSH|^~\\&|EHR|GENHOSP|HL7BRIDGE|HUB|20240101120000||ADT^A01^ADT_A01|{control}|P|{version}{tail}\r"
+    "EVN|A01|20240101120000\r"
+    "PID|1||MRN123^^^GENHOSP^MR||DOE^JANE||19800101|F\r"
+    "PV1|1|I|WARD1^101^A\r"
+)
+
+
+def _adt(control: str = "CTRL1", version: str = "2.5.1", tail: str = "") -> bytes:
+    return ADT.format(control=control, version=version, tail=tail).encode()
+
+
+async def test_error_cases_get_their_ack_and_err_codes(
+    start_instance: InstanceFactory, broker: Any, topic_prefix: str
+) -> None:
+    instance = await start_instance(broker.bootstrap)
+    missing_control = _adt(control="")
+    missing_type = _adt().replace(b"ADT^A01^ADT_A01", b"")
+    unsupported_type = _adt(control="T1").replace(b"ADT^A01^ADT_A01", b"ZZZ^Z01^ZZZ_Z01")
+    bad_version = _adt(control="V1", version="9.9")
+    not_hl7 = b"this is not an HL7 message at all"
+    enhanced = _adt(control="E1", tail="|||AL|NE")
+    acks = await _send_all(
+        instance, [missing_control, missing_type, unsupported_type, bad_version, not_hl7, enhanced]
+    )
+
+    assert _msa(acks[0]) == ("AE", "")
+    assert _err_code(acks[0]) == "101"
+    assert _err(acks[0], 2) == "MSH^1^10"
+    assert _msa(acks[1]) == ("AE", "CTRL1")
+    assert _err_code(acks[1]) == "101"
+    assert _msa(acks[2]) == ("AR", "T1")
+    assert _err_code(acks[2]) == "200"
+    assert _msa(acks[3]) == ("AR", "V1")
+    # 9.9 is unknown to us; the ACK keeps the sender's version anyway
+    assert parse_message(acks[3]).header.version_id == "9.9"
+    assert _err_code(acks[3]) == "203"
+    assert _msa(acks[4])[0] == "AE"
+    assert _err_code(acks[4]) == "100"
+    assert _msa(acks[5]) == ("CA", "E1")
+
+    # The ACK's MSH swaps sender and receiver and keeps the version.
+    ack = parse_message(acks[5]).header
+    assert (ack.sending_application, ack.sending_facility) == ("HL7BRIDGE", "HUB")
+    assert (ack.receiving_application, ack.receiving_facility) == ("EHR", "GENHOSP")
+    assert ack.version_id == "2.5.1"
+
+    dlq = await read_topic(broker.bootstrap, f"{topic_prefix}.dlq", min_records=5)
+    reasons = sorted(_headers(r)["dlq_err_code"].decode() for r in dlq)
+    assert reasons == ["100", "101", "101", "200", "203"]
+    raw = await read_topic(broker.bootstrap, f"{topic_prefix}.raw.hl7v2", min_records=1)
+    assert [_headers(r)["ce_hl7controlid"] for r in raw] == [b"E1"]
+
+
+async def test_resent_message_is_acked_again_but_published_once(
+    start_instance: InstanceFactory, broker: Any, topic_prefix: str
+) -> None:
+    instance = await start_instance(broker.bootstrap)
+    first = _adt(control="DUP1")
+    resend = first.replace(b"20240101120000||ADT", b"20240101120500||ADT")  # fresh MSH-7
+    reused = _adt(control="DUP1").replace(b"DOE^JANE", b"ROE^RICHARD")
+    acks = await _send_all(instance, [first, resend, first, reused])
+    assert [_msa(a) for a in acks] == [("AA", "DUP1")] * 4
+
+    raw = await read_topic(broker.bootstrap, f"{topic_prefix}.raw.hl7v2", min_records=2)
+    events = await read_topic(broker.bootstrap, f"{topic_prefix}.events", min_records=2)
+    await asyncio.sleep(0.5)
+    raw = await read_topic(broker.bootstrap, f"{topic_prefix}.raw.hl7v2", min_records=2)
+    # the first copy and the different message under a reused control id
+    assert len(raw) == 2
+    assert len(events) == 2
+    assert len({_headers(r)["ce_id"] for r in events}) == 2
+    assert instance.metrics.duplicates.labels("mllp")._value.get() == 2
+
+
+async def test_concurrent_resends_publish_once(
+    start_instance: InstanceFactory, broker: Any, topic_prefix: str
+) -> None:
+    instance = await start_instance(broker.bootstrap)
+    message = _adt(control="RACE1")
+    results = await asyncio.gather(*(_send_all(instance, [message]) for _ in range(8)))
+    assert all(_msa(acks[0]) == ("AA", "RACE1") for acks in results)
+    raw = await read_topic(broker.bootstrap, f"{topic_prefix}.raw.hl7v2", min_records=1)
+    await asyncio.sleep(0.3)
+    raw = await read_topic(broker.bootstrap, f"{topic_prefix}.raw.hl7v2", min_records=1)
+    assert len(raw) == 1
+
+
+async def test_broker_down_answers_ar_207_and_accepts_nothing(
+    start_instance: InstanceFactory, own_broker: Any, topic_prefix: str
+) -> None:
+    instance = await start_instance(own_broker.bootstrap, kafka_publish_timeout_s=2.0)
+    assert _msa((await _send_all(instance, [_adt(control="UP1")]))[0]) == ("AA", "UP1")
+
+    await asyncio.to_thread(own_broker.stop)
+    acks = await _send_all(instance, [_adt(control="DOWN1")])
+    assert _msa(acks[0]) == ("AR", "DOWN1")
+    assert _err_code(acks[0]) == "207"
+    assert instance.metrics.messages.labels("mllp", "AA", "ADT^A01")._value.get() == 1
+
+    # The sender retries once the broker is back: now it is accepted and published.
+    # (Tansu keeps topics in memory only: a restarted one has none, and it acks
+    # records for a missing topic without storing them, so provision them again.)
+    await asyncio.to_thread(own_broker.start)
+    await ensure_topics(own_broker.bootstrap, instance.topics.all(), partitions=3)
+    for _ in range(40):
+        ack = (await _send_all(instance, [_adt(control="DOWN1")]))[0]
+        if _msa(ack)[0] == "AA":
+            break
+        await asyncio.sleep(0.5)
+    assert _msa(ack) == ("AA", "DOWN1")
+    raw = await read_topic(own_broker.bootstrap, f"{topic_prefix}.raw.hl7v2", min_records=1)
+    assert [_headers(r)["ce_hl7controlid"] for r in raw] == [b"DOWN1"]
+
+
+async def test_oversize_frame_is_answered_and_connection_keeps_serving(
+    start_instance: InstanceFactory, broker: Any
+) -> None:
+    instance = await start_instance(broker.bootstrap, max_frame_bytes=2048)
+    big = _adt(control="BIG1") + b"NTE|1||" + b"x" * 5000 + b"\r"
+    acks = await _send_all(instance, [big, _adt(control="SMALL1")])
+    assert _msa(acks[0]) == ("AE", "BIG1")
+    assert _err_code(acks[0]) == "207"
+    assert _msa(acks[1]) == ("AA", "SMALL1")
+
+
+async def test_instance_is_an_ephemeral_member_in_zookeeper(
+    start_instance: InstanceFactory, broker: Any, zookeeper: Any, zk_chroot: str
+) -> None:
+    instance = await start_instance(broker.bootstrap, instance_id="member-a", cluster="c1")
+    zk = KazooClient(hosts=f"{zookeeper.hosts}{zk_chroot}")
+    await asyncio.to_thread(zk.start, 10)
+    try:
+        path = "/hl7bridge/c1/members/member-a"
+        data, stat = await asyncio.to_thread(zk.get, path)
+        member = orjson.loads(data)
+        assert stat.ephemeralOwner != 0
+        assert member["mllp_port"] == instance.mllp.port
+        assert member["version"]
+        await instance.stop()
+        assert await asyncio.to_thread(zk.exists, path) is None
+    finally:
+        await asyncio.to_thread(zk.stop)
+        await asyncio.to_thread(zk.close)
+
+
+async def test_http_health_ready_and_metrics(start_instance: InstanceFactory, broker: Any) -> None:
+    import aiohttp
+
+    instance = await start_instance(broker.bootstrap)
+    await _send_all(instance, [_adt(control="M1")])
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{instance.http_url}/healthz") as response:
+            assert response.status == 200
+        async with http.get(f"{instance.http_url}/readyz") as response:
+            body = await response.json()
+            assert response.status == 200, body
+            assert body["checks"] == {"kafka": True, "zookeeper": True, "mllp": True}
+        async with http.get(f"{instance.http_url}/metrics") as response:
+            text = await response.text()
+    assert (
+        'hl7bridge_messages_total{ack_code="AA",channel="mllp",message_type="ADT^A01"} 1.0' in text
+    )
+    assert "MRN123" not in text and "DOE" not in text
