@@ -52,33 +52,49 @@ class Settings(BaseModel):
     zookeeper_chroot: str | None = None
     """Base path of this cluster's znodes. Default ``/hl7bridge/<cluster>``."""
     zookeeper_session_timeout_s: float = Field(default=6.0, ge=1.0, le=60.0)
+    """ZooKeeper session timeout; an instance that dies leaves the cluster after it."""
     cluster: str = "default"
+    """Cluster name: instances with the same name coordinate."""
     instance_id: str = Field(default_factory=_default_instance_id)
+    """This instance's member name. Default: host name plus a random suffix."""
 
     # --- Kafka ----------------------------------------------------------------
     kafka: str = "127.0.0.1:9092"
     """Kafka bootstrap servers, ``host:port[,host:port...]``."""
     topic_prefix: str = "health"
+    """Topic names are <prefix>.raw.hl7v2, <prefix>.events, <prefix>.dlq, ..."""
     kafka_idempotence: bool = True
     """Idempotent producer. Tansu (the embedded broker) does not support it: off in dev."""
     kafka_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    """Producer compression (lz4/zstd/snappy need their Python codec installed)."""
     kafka_linger_ms: int = Field(default=1, ge=0, le=1000)
+    """How long the producer waits to fill a batch."""
     kafka_publish_timeout_s: float = Field(default=10.0, gt=0, le=300)
     """How long a message may wait for Kafka's acknowledgement before it is answered AR 207."""
     kafka_provision_topics: bool = True
+    """Create missing topics at start."""
     kafka_partitions: int = Field(default=6, ge=1, le=1000)
+    """Partitions of topics the bridge creates."""
     kafka_replication_factor: int = Field(default=1, ge=1, le=10)
+    """Replication factor of topics the bridge creates (3 in production)."""
 
     # --- MLLP -----------------------------------------------------------------
     mllp_host: str = "0.0.0.0"
+    """Address the MLLP listener binds."""
     mllp_port: int = Field(default=2575, ge=0, le=65535)
+    """MLLP port (0 = any free port)."""
     max_frame_bytes: int = Field(default=1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    """Largest MLLP frame accepted; a larger one is answered AE 207."""
     idle_timeout_s: float = Field(default=300.0, gt=0)
+    """An MLLP connection silent this long is closed."""
     max_connections: int = Field(default=1000, ge=1, le=100_000)
+    """Open MLLP connections at most; one more is answered AR 207 and closed."""
 
     # --- HTTP -----------------------------------------------------------------
     http_host: str = "0.0.0.0"
+    """Address the HTTP server binds."""
     http_port: int = Field(default=8080, ge=0, le=65535)
+    """HTTP port for /healthz, /readyz, /metrics (0 = any free port)."""
 
     # --- HL7 v2 handling -----------------------------------------------------
     accept_message_types: tuple[str, ...] = DEFAULT_ACCEPTED_MESSAGE_TYPES
@@ -86,10 +102,13 @@ class Settings(BaseModel):
     dedupe_window_s: float = Field(default=3600.0, ge=0)
     """A resent message (same sender, same MSH-10) within this window is not published again."""
     dedupe_max_entries: int = Field(default=200_000, ge=0)
+    """Accepted messages remembered for duplicate detection at most."""
 
     # --- lifecycle ------------------------------------------------------------
     drain_timeout_s: float = Field(default=10.0, ge=0)
+    """On stop, how long messages in flight may take to finish."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level (logs carry ids and counts, never patient data)."""
 
     @field_validator("cluster", "instance_id")
     @classmethod
@@ -134,6 +153,8 @@ class Settings(BaseModel):
     @field_validator("accept_message_types")
     @classmethod
     def _accept_entries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("must name at least one message type (or '*')")
         for entry in value:
             if not _MESSAGE_TYPE.match(entry):
                 raise ValueError(

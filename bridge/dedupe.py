@@ -68,7 +68,7 @@ class DuplicateFilter:
         self._seen: OrderedDict[tuple[str, str, bytes], _Entry] = OrderedDict()
         #: The latest fingerprint accepted per control id, to notice reuse.
         self._latest: dict[DedupeKey, bytes] = {}
-        self._pending: dict[DedupeKey, tuple[bytes, asyncio.Future[str | None]]] = {}
+        self._pending: dict[tuple[str, str, bytes], asyncio.Future[str | None]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -80,39 +80,35 @@ class DuplicateFilter:
     def lookup(self, key: DedupeKey, fingerprint: bytes) -> str | None:
         """The ack code given to an identical earlier message, if within the window."""
         entry = self._seen.get((*key, fingerprint))
-        if entry is None:
-            return None
-        if entry.expires_at <= self._clock():
+        if entry is None or entry.expires_at <= self._clock():
             return None
         return entry.ack_code
 
     def reused(self, key: DedupeKey, fingerprint: bytes) -> bool:
-        """True when the control id was accepted before with different content."""
+        """True when the control id was accepted, within the window, with other content."""
         latest = self._latest.get(key)
-        return latest is not None and latest != fingerprint
+        if latest is None or latest == fingerprint:
+            return False
+        entry = self._seen.get((*key, latest))
+        return entry is not None and entry.expires_at > self._clock()
 
     def pending(self, key: DedupeKey, fingerprint: bytes) -> asyncio.Future[str | None] | None:
         """The in-flight attempt of the same message, if there is one."""
-        found = self._pending.get(key)
-        if found is None or found[0] != fingerprint:
-            return None
-        return found[1]
+        return self._pending.get((*key, fingerprint))
 
     def begin(self, key: DedupeKey, fingerprint: bytes) -> asyncio.Future[str | None]:
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._pending[key] = (fingerprint, future)
+        self._pending[(*key, fingerprint)] = future
         return future
 
     def finish(self, key: DedupeKey, fingerprint: bytes, ack_code: str | None) -> None:
         """End an attempt; remember it if accepted (``ack_code`` not None)."""
-        found = self._pending.get(key)
-        if found is not None and found[0] == fingerprint:
-            del self._pending[key]
-            if not found[1].done():
-                found[1].set_result(ack_code)
+        full = (*key, fingerprint)
+        future = self._pending.pop(full, None)
+        if future is not None and not future.done():
+            future.set_result(ack_code)
         if ack_code is None or not self.enabled:
             return
-        full = (*key, fingerprint)
         self._seen[full] = _Entry(ack_code, self._clock() + self._window_s)
         self._seen.move_to_end(full)
         self._latest[key] = fingerprint

@@ -41,10 +41,12 @@ def hl7v2_event_id(sender_key: str, control_id: str, fingerprint: bytes) -> str:
     return deterministic_id("hl7v2", sender_key, control_id, fingerprint.hex())
 
 
-def hl7v2_source(sending_application: str, sending_facility: str) -> str:
-    """``ce_source``: the sending system, never the patient (MSH-3/MSH-4)."""
-    app = quote(sending_application.split("^", 1)[0] or "-", safe="")
-    facility = quote(sending_facility.split("^", 1)[0] or "-", safe="")
+def hl7v2_source(
+    sending_application: str, sending_facility: str, component_separator: str = "^"
+) -> str:
+    """``ce_source``: the sending system, never the patient (MSH-3.1 and MSH-4.1)."""
+    app = quote(sending_application.split(component_separator, 1)[0] or "-", safe="")
+    facility = quote(sending_facility.split(component_separator, 1)[0] or "-", safe="")
     return f"urn:hl7v2:{app}:{facility}"
 
 

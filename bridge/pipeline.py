@@ -167,11 +167,13 @@ class Hl7v2Pipeline:
 
         key = (header.sender_key, header.control_id)
         fingerprint = content_fingerprint(message.text)
-        earlier = self._dedupe.lookup(key, fingerprint)
-        if earlier is None:
+        # A resend of a message still in flight waits for that attempt; if the
+        # attempt failed, look again: another resend may have started meanwhile.
+        while (earlier := self._dedupe.lookup(key, fingerprint)) is None:
             in_flight = self._dedupe.pending(key, fingerprint)
-            if in_flight is not None:
-                earlier = await asyncio.shield(in_flight)
+            if in_flight is None:
+                break
+            await asyncio.shield(in_flight)
         if earlier is not None:
             self._metrics.duplicates.labels(CHANNEL).inc()
             self._count(earlier, header)
@@ -231,7 +233,9 @@ class Hl7v2Pipeline:
     def _records(self, message: Hl7Message, payload: bytes, fingerprint: bytes) -> list[OutRecord]:
         header = message.header
         event_id = hl7v2_event_id(header.sender_key, header.control_id, fingerprint)
-        source = hl7v2_source(header.sending_application, header.sending_facility)
+        source = hl7v2_source(
+            header.sending_application, header.sending_facility, header.encoding.component
+        )
         key_text = patient_key(message)
         subject = None if key_text is None else f"Patient/{patient_resource_id(key_text)}"
         # Without a patient, order per sender instead of per patient.

@@ -53,6 +53,15 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _location(parts: list[str]) -> str:
+    """An ERL (segment^sequence^field^repetition^component) as ``MSH-10`` or ``PID-7.1``."""
+    parts = parts + [""] * (5 - len(parts))
+    segment, field_no, component = parts[0], parts[2], parts[4]
+    if not field_no:
+        return segment
+    return f"{segment}-{field_no}" + (f".{component}" if component else "")
+
+
 def summarize_ack(file: str, index: int, ack: bytes) -> AckSummary:
     """MSA-1, MSA-2 and the ERR segments of an ACK (any version's ERR layout)."""
     try:
@@ -60,19 +69,28 @@ def summarize_ack(file: str, index: int, ack: bytes) -> AckSummary:
     except BridgeError:
         return AckSummary(file, index, "??", "", problem="the answer is not an HL7 ACK")
     summary = AckSummary(file, index, message.field("MSA", 1) or "??", message.field("MSA", 2))
+    if message.segment("MSA") is None:
+        summary.problem = "the answer has no MSA segment"
+    enc = message.encoding
     for err in message.all_segments("ERR"):
         fields = err + [""] * (9 - len(err))
-        if fields[3]:  # v2.5+: ERR-2 location, ERR-3 code^text, ERR-8 user message
-            code, _, rest = fields[3].partition("^")
-            location = fields[2].replace("^", "-", 1).split("^")[0] if fields[2] else ""
-            text = fields[8] or rest.split("^")[0]
+        if fields[3]:  # v2.5+: ERR-2 location, ERR-3 code^text^table, ERR-8 user message
+            code, _, rest = fields[3].partition(enc.component)
+            text = fields[8] or rest.split(enc.component)[0]
+            location = _location(fields[2].split(enc.component))
             summary.errors.append({"code": code, "location": location, "text": text})
-        elif fields[1]:  # v2.3/2.4: ERR-1 segment^sequence^field^code&text
-            components = fields[1].split("^")
-            code_text = components[3].split("&") if len(components) > 3 else [""]
-            location = f"{components[0]}-{components[2]}" if len(components) > 2 else ""
-            text = code_text[1] if len(code_text) > 1 else ""
-            summary.errors.append({"code": code_text[0], "location": location, "text": text})
+            continue
+        # v2.3/2.4: ERR-1 repeats, one segment^sequence^field^code&text&table each
+        for entry in filter(None, fields[1].split(enc.repetition)):
+            components = entry.split(enc.component)
+            code_text = components[3].split(enc.subcomponent) if len(components) > 3 else [""]
+            summary.errors.append(
+                {
+                    "code": code_text[0],
+                    "location": _location(components[:3]),
+                    "text": code_text[1] if len(code_text) > 1 else "",
+                }
+            )
     return summary
 
 

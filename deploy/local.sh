@@ -78,8 +78,9 @@ ensure_venv() {
 
 run_tests() {
     cd "$repo_root"
-    say "ruff check"
+    say "ruff check and format check"
     "$venv/bin/ruff" check .
+    "$venv/bin/ruff" format --check .
     say "mypy (strict, on the files set in pyproject.toml)"
     "$venv/bin/mypy"
     say "pytest"

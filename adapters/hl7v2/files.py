@@ -22,6 +22,9 @@ def split_messages(data: bytes) -> list[bytes]:
     if START_BLOCK in data and END_BLOCK in data:
         decoder = MLLPDecoder(max_frame_bytes=max(len(data), 1024))
         frames = [e.payload for e in decoder.feed(data) if isinstance(e, Frame)]
+        unterminated = decoder.eof()  # a last frame without FS is still a message
+        if unterminated:
+            frames.append(unterminated)
         return [m for frame in frames for m in split_messages(frame)]
     messages: list[list[bytes]] = []
     for line in _NEWLINES.split(data.replace(_BOM, b"")):
