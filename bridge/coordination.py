@@ -30,7 +30,7 @@ from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 
-from bridge.errors import CoordinationError, LifecycleError
+from bridge.errors import CoordinationError, LifecycleError, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,8 @@ class ZooKeeperSession:
         for listener in list(self._listeners):
             try:
                 listener(state)
-            except Exception:  # a listener's defect must not stop the others
-                log.exception("zookeeper state listener failed")
+            except Exception as exc:  # a listener's defect must not stop the others
+                log.error("zookeeper state listener failed: %s", describe_failure(exc))
 
 
 class Membership:

@@ -39,6 +39,7 @@ Messages (``str(error)``) never contain patient data: they name fields
 
 from __future__ import annotations
 
+import traceback
 from typing import ClassVar
 
 
@@ -150,3 +151,19 @@ class ConfigError(BridgeError):
 
 class LifecycleError(BridgeError):
     """A component was used out of order: started twice, or used before start()."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Name an exception without its message, which may quote patient data.
+
+    BridgeError messages are PHI-free by contract, so they are kept; for anything
+    else the type and the place it was raised are enough to find the bug.
+    """
+    if isinstance(exc, BridgeError):
+        where = f" at {exc.location}" if exc.location else ""
+        return f"{type(exc).__name__}: {exc.message}{where}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        return f"{type(exc).__name__} raised in {last.name} ({last.filename}:{last.lineno})"
+    return type(exc).__name__

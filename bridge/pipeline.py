@@ -56,6 +56,7 @@ from bridge.errors import (
     OverloadedError,
     UnavailableError,
     UnsupportedMessageType,
+    describe_failure,
 )
 from bridge.kafka import Delivered, Headers, OutRecord, Topics
 from bridge.metrics import BridgeMetrics
@@ -190,7 +191,11 @@ class Hl7v2Pipeline:
             except BridgeError as exc:
                 return await self._reject(payload, header, exc)
             except Exception as exc:  # a mapping defect must not lose the message
-                log.exception("normalization failed for a %s message", header.message_type)
+                log.error(
+                    "normalization failed for a %s message: %s",
+                    header.message_type,
+                    describe_failure(exc),
+                )
                 internal = MessageError("message could not be normalized to FHIR")
                 internal.__cause__ = exc
                 return await self._reject(payload, header, internal)

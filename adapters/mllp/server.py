@@ -35,12 +35,11 @@ import enum
 import logging
 import math
 import ssl as ssl_module
-import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Final, Protocol, cast
 
-from bridge.errors import BridgeError, LifecycleError
+from bridge.errors import LifecycleError, describe_failure
 
 from .codec import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -133,22 +132,6 @@ def _format_peer(peername: object) -> str:
         host, port = peername[0], peername[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(peername) if peername else "unknown"
-
-
-def _describe_failure(exc: BaseException) -> str:
-    """Name an exception without its message, which may quote patient data.
-
-    BridgeError messages are PHI-free by contract, so they are kept; for anything
-    else the type and the place it was raised are enough to find the bug.
-    """
-    if isinstance(exc, BridgeError):
-        where = f" at {exc.location}" if exc.location else ""
-        return f"{type(exc).__name__}: {exc.message}{where}"
-    frames = traceback.extract_tb(exc.__traceback__)
-    if frames:
-        last = frames[-1]
-        return f"{type(exc).__name__} raised in {last.name} ({last.filename}:{last.lineno})"
-    return type(exc).__name__
 
 
 # A queued frame: its payload (or head), and the reason to reject it, or None to
@@ -344,7 +327,7 @@ class _Connection(asyncio.Protocol):
                 self._write(reply)
         except Exception as exc:  # a bug here must not leave the sender waiting
             logger.error(
-                "MLLP connection worker for %s failed: %s", self.peer, _describe_failure(exc)
+                "MLLP connection worker for %s failed: %s", self.peer, describe_failure(exc)
             )
             self._close()
         finally:
@@ -370,7 +353,7 @@ class _Connection(asyncio.Protocol):
                 "MLLP handler failed on a %d-byte frame from %s: %s",
                 len(payload),
                 self.peer,
-                _describe_failure(exc),
+                describe_failure(exc),
             )
             return self._reject(payload[:HEAD_BYTES], RejectReason.HANDLER_FAILED)
 
@@ -385,7 +368,7 @@ class _Connection(asyncio.Protocol):
                 "the sender retries",
                 reason.value,
                 self.peer,
-                _describe_failure(exc),
+                describe_failure(exc),
             )
             return None
 

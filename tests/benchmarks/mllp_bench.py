@@ -655,26 +655,26 @@ async def bench_target(
 # --- processes ---------------------------------------------------------------------------------
 
 
-def process_cpu_s(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), in seconds; None if it is gone."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), in seconds; None if it is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def _start_time(pid: int) -> int | None:
     """When a live (not zombie) process started, to tell it from a later one with its pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return None if fields[0] == b"Z" else int(fields[19])
+    fields = _stat_fields(pid)
+    return None if fields is None or fields[0] == b"Z" else int(fields[19])
 
 
 def child_processes(pid: int) -> dict[int, str]:
