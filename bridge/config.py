@@ -101,6 +101,12 @@ class Settings(BaseModel):
     """Message families (``ADT``), exact types (``ADT^A01``) or ``*`` for all."""
     dedupe_window_s: float = Field(default=3600.0, ge=0)
     """A resent message (same sender, same MSH-10) within this window is not published again."""
+    strict_mapping: bool = False
+    """Refuse (AE, to the DLQ) a message with content the FHIR mapping does not carry."""
+    identifier_systems: dict[str, str] = Field(default_factory=dict)
+    """Assigning authority (CX-4.1) → Identifier.system URI, e.g. ``{MRN: urn:oid:1.2.3}``.
+    Default for an unlisted authority: ``urn:oid:`` for OIDs, else
+    ``urn:hl7bridge:authority:<namespace>``. As an option or env: ``NS=URI,NS2=URI2``."""
     dedupe_max_entries: int = Field(default=200_000, ge=0)
     """Accepted messages remembered for duplicate detection at most."""
 
@@ -141,6 +147,16 @@ class Settings(BaseModel):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError("must be host:port[,host:port...]")
+        return value
+
+    @field_validator("identifier_systems", mode="before")
+    @classmethod
+    def _systems_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            pairs = [p.strip() for p in value.split(",") if p.strip()]
+            if any("=" not in p for p in pairs):
+                raise ValueError("must be NAMESPACE=URI[,NAMESPACE=URI...]")
+            return dict(p.split("=", 1) for p in pairs)
         return value
 
     @field_validator("accept_message_types", mode="before")

@@ -25,6 +25,7 @@ Messages (``str(error)``) never contain patient data: they name fields
     │   ├── DataTypeError             (AE, 102)
     │   ├── TableValueNotFound        (AE, 103)
     │   ├── MessageTooLarge           frame over max_frame_bytes (AE, 207)
+    │   ├── UnmappedContent           strict_mapping and something not mapped (AE, 207)
     │   ├── UnsupportedMessageType    (AR, 200)
     │   ├── UnsupportedEventCode      (AR, 201)
     │   ├── UnsupportedProcessingId   (AR, 202)
@@ -98,6 +99,15 @@ class MessageTooLarge(MessageError):
 
     err_code = "207"
     http_status = 413
+
+
+class UnmappedContent(MessageError):
+    """With ``strict_mapping``: the message has content the FHIR mapping does not carry.
+
+    The text lists segment and field names (``ZPI``, ``PID-30``), never values.
+    """
+
+    err_code = "207"
 
 
 class UnsupportedMessageType(MessageError):

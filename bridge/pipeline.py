@@ -55,12 +55,13 @@ from bridge.errors import (
     MessageTooLarge,
     OverloadedError,
     UnavailableError,
+    UnmappedContent,
     UnsupportedMessageType,
     describe_failure,
 )
 from bridge.kafka import Delivered, Headers, OutRecord, Topics
 from bridge.metrics import BridgeMetrics
-from bridge.normalize.hl7v2_minimal import patient_resource_id, to_fhir_bundle, unmapped_segments
+from bridge.normalize import MappingOptions, normalize
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ class PipelineSettings:
     instance_id: str
     accept_message_types: tuple[str, ...]
     max_frame_bytes: int = 1024 * 1024
+    mapping: MappingOptions = field(default_factory=MappingOptions)
+    #: Refuse (AE, to the DLQ) a message with content the mapping does not carry.
+    strict_mapping: bool = False
 
 
 @dataclass(slots=True)
@@ -242,10 +246,17 @@ class Hl7v2Pipeline:
             header.sending_application, header.sending_facility, header.encoding.component
         )
         key_text = patient_key(message)
-        subject = None if key_text is None else f"Patient/{patient_resource_id(key_text)}"
+        normalized = normalize(
+            message, event_id=event_id, source=source, options=self._settings.mapping
+        )
+        if self._settings.strict_mapping and normalized.unmapped:
+            raise UnmappedContent(
+                "content the mapping does not carry (strict_mapping): "
+                + ", ".join(normalized.unmapped[:20])
+            )
+        subject = None if normalized.patient_id is None else f"Patient/{normalized.patient_id}"
         # Without a patient, order per sender instead of per patient.
         record_key = (key_text if key_text is not None else f"sender|{header.sender_key}").encode()
-        bundle = to_fhir_bundle(message, event_id=event_id, source=source)
         received = now_rfc3339()
         common = {
             "id": event_id,
@@ -259,7 +270,7 @@ class Hl7v2Pipeline:
         }
         event = EventAttributes(
             type=hl7v2_event_type(header.message_type),
-            unmapped=tuple(unmapped_segments(message)),
+            unmapped=normalized.unmapped,
             **common,  # type: ignore[arg-type]
         )
         raw = EventAttributes(
@@ -271,7 +282,7 @@ class Hl7v2Pipeline:
         topics = self._settings.topics
         return [
             OutRecord(topics.raw_hl7v2, payload, record_key, raw.headers()),
-            OutRecord(topics.events, orjson.dumps(bundle), record_key, event.headers()),
+            OutRecord(topics.events, orjson.dumps(normalized.bundle), record_key, event.headers()),
         ]
 
     def _dlq_headers(self, header: MessageHeader | None, error: BridgeError) -> Headers:

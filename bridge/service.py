@@ -31,6 +31,7 @@ from bridge.dedupe import DuplicateFilter
 from bridge.errors import BridgeError, LifecycleError
 from bridge.kafka import KafkaPublisher, Topics, ensure_topics
 from bridge.metrics import BridgeMetrics
+from bridge.normalize import MappingOptions
 from bridge.pipeline import Hl7v2Pipeline, PipelineSettings
 from bridge.web import build_app
 
@@ -71,6 +72,8 @@ class BridgeInstance:
                 instance_id=settings.instance_id,
                 accept_message_types=settings.accept_message_types,
                 max_frame_bytes=settings.max_frame_bytes,
+                mapping=MappingOptions(identifier_systems=dict(settings.identifier_systems)),
+                strict_mapping=settings.strict_mapping,
             ),
             self.publisher,
             DuplicateFilter(

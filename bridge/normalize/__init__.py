@@ -1,9 +1,12 @@
-"""Normalization of incoming messages to FHIR R4 (DESIGN §6).
+"""HL7 v2 → FHIR R4 normalization (DESIGN §6), following the HL7 v2-to-FHIR IG.
 
-For now only the minimal HL7 v2 mapping (MessageHeader and Patient) exists; the
-full HL7 v2-to-FHIR mapping is a later issue.
+No I/O: :func:`normalize` takes a parsed message and returns the message Bundle
+(plain dicts, validated in the tests with fhir.resources R4B) and the list of
+what the mapping did not carry.
 """
 
-from bridge.normalize.hl7v2_minimal import patient_resource_id, to_fhir_bundle, unmapped_segments
+from bridge.normalize.bundle import Normalized, normalize, to_fhir_bundle
+from bridge.normalize.context import MappingOptions
+from bridge.normalize.ids import patient_resource_id
 
-__all__ = ["patient_resource_id", "to_fhir_bundle", "unmapped_segments"]
+__all__ = ["MappingOptions", "Normalized", "normalize", "patient_resource_id", "to_fhir_bundle"]

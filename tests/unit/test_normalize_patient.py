@@ -1,4 +1,4 @@
-"""The minimal HL7 v2 -> FHIR R4 message Bundle (MessageHeader + Patient)."""
+"""The message Bundle's MessageHeader and Patient, for every corpus message."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from adapters.hl7v2.er7 import Hl7Message, parse_message, patient_key
 from bridge.errors import BridgeError, DataTypeError
-from bridge.normalize import patient_resource_id, to_fhir_bundle, unmapped_segments
-from bridge.normalize.hl7v2_minimal import NAMESPACE, uuid5_str
+from bridge.normalize import normalize, patient_resource_id, to_fhir_bundle
+from bridge.normalize.ids import NAMESPACE, uuid5_str
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -337,11 +337,15 @@ def test_timestamp_without_seconds_and_offset_is_now(msh7: str) -> None:
     Bundle.model_validate(bundle)
 
 
-def test_unmapped_segments() -> None:
-    assert unmapped_segments(parse("LAB-ORU-1.hl7")) == ["OBR", "OBX", "SPM"]
-    assert unmapped_segments(parse("ADT-A40-01.hl7")) == ["EVN", "MRG"]
-    msg = synthetic("EVN|A17", "PID|1||1", "PV1|1", "PID|2||2", "PV1|2")
-    assert unmapped_segments(msg) == ["EVN", "PV1", "PID"]
+def test_unmapped_lists_untouched_segments_and_unread_fields() -> None:
+    # ZZZ^Z01 has no family mapper: everything but MSH and the first PID is reported.
+    msh = MSH_251.replace("ADT^A01^ADT_A01", "ZZZ^Z01")
+    pid = "PID|1||1||DOE^J" + "|" * 25 + "Y"  # PID-30: patient death indicator
+    msg = parse_message("\r".join((msh, "EVN|A17", pid, "ZPI|1|x", "PID|2||2")).encode())
+    result = normalize(msg, event_id="e", source=SOURCE)
+    assert result.unmapped == ("EVN", "PID-30", "ZPI", "PID")
+    header = result.bundle["entry"][0]["resource"]
+    assert [e["valueString"] for e in header["extension"]] == list(result.unmapped)
 
 
 def test_bundle_is_plain_json_data() -> None:

@@ -1,0 +1,586 @@
+"""HL7 v2 data types → FHIR R4 data types, following the v2-to-FHIR IG's
+datatype maps (TS/DTM, CX, EI, XPN, XAD, XTN, CWE/CE/CNE, XCN, XON, PL, CQ).
+
+Every function takes the :class:`~bridge.normalize.context.MappingContext` and
+the :class:`~bridge.normalize.context.Components` of one field repetition, and
+returns a plain dict (no pydantic on the hot path) or None when there is
+nothing to carry. Values are escape-decoded and stripped. Codes with no FHIR
+equivalent are left out of the coded element, never guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, timedelta
+from typing import Any, Final
+from urllib.parse import quote
+
+from bridge.errors import DataTypeError
+
+from .context import Components, MappingContext
+from .ids import uuid5_str
+
+V2_0203: Final = "http://terminology.hl7.org/CodeSystem/v2-0203"
+AUTHORITY_PREFIX: Final = "urn:hl7bridge:authority:"
+APPLICATION_PREFIX: Final = "urn:hl7bridge:application:"
+CODE_SYSTEM_PREFIX: Final = "urn:hl7bridge:codesystem:"
+
+#: HL7 table 0396 (coding system) → FHIR code system URI, for the systems
+#: hospitals send. ``HL7nnnn`` maps to the v2 table code system generically.
+CODE_SYSTEMS: Final[dict[str, str]] = {
+    "LN": "http://loinc.org",
+    "LOINC": "http://loinc.org",
+    "SCT": "http://snomed.info/sct",
+    "SNM": "http://snomed.info/sct",
+    "SNOMED": "http://snomed.info/sct",
+    "SNOMED-CT": "http://snomed.info/sct",
+    "UCUM": "http://unitsofmeasure.org",
+    "ANS+": "http://unitsofmeasure.org",
+    "I10": "http://hl7.org/fhir/sid/icd-10",
+    "I10C": "http://hl7.org/fhir/sid/icd-10-cm",
+    "ICD10CM": "http://hl7.org/fhir/sid/icd-10-cm",
+    "I10P": "http://www.cms.gov/Medicare/Coding/ICD10",
+    "I9": "http://hl7.org/fhir/sid/icd-9-cm",
+    "I9C": "http://hl7.org/fhir/sid/icd-9-cm",
+    "I9CDX": "http://hl7.org/fhir/sid/icd-9-cm",
+    "CVX": "http://hl7.org/fhir/sid/cvx",
+    "MVX": "http://hl7.org/fhir/sid/mvx",
+    "NDC": "http://hl7.org/fhir/sid/ndc",
+    "RXNORM": "http://www.nlm.nih.gov/research/umls/rxnorm",
+    "RXN": "http://www.nlm.nih.gov/research/umls/rxnorm",
+    "C4": "http://www.ama-assn.org/go/cpt",
+    "CPT": "http://www.ama-assn.org/go/cpt",
+    "CPT4": "http://www.ama-assn.org/go/cpt",
+    "HCPCS": "urn:oid:2.16.840.1.113883.6.285",
+    "NCIT": "http://ncimeta.nci.nih.gov",
+    "CDCREC": "urn:oid:2.16.840.1.113883.6.238",
+    "NUCC": "http://nucc.org/provider-taxonomy",
+    "NPI": "http://hl7.org/fhir/sid/us-npi",
+    "FDDX": "http://www.fdbhealth.com/",
+    "ISO3166": "urn:iso:std:iso:3166",
+    "ISO+": "urn:iso:std:iso:11073:10101",
+    "DCM": "http://dicom.nema.org/resources/ontology/DCM",
+    "HL70078": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+}
+
+_TABLE_RE: Final = re.compile(r"HL7(\d{4})")
+_OID_RE: Final = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*))+")
+_UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+_URI_SAFE: Final = re.compile(r"[A-Za-z0-9._~-]+")
+_TS_RE: Final = re.compile(
+    r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,9}))?)?)?)?)?)?"
+    r"(?:([+-])(\d{2})(\d{2}))?"
+)
+_NUMBER_RE: Final = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
+
+
+# --- dates and times ------------------------------------------------------------------
+
+
+def _parse_ts(value: str, location: str) -> tuple[str | None, ...]:
+    """The parts of an HL7 TS/DTM, checked as a real calendar date and time."""
+    m = _TS_RE.fullmatch(value)
+    if m is None:
+        raise DataTypeError("not an HL7 date/time", location=location)
+    y, mo, d, hh, mi, ss, frac, sign, oh, om = m.groups()
+    try:
+        if int(y) < 1:
+            raise ValueError
+        if mo is not None and not 1 <= int(mo) <= 12:
+            raise ValueError
+        if d is not None:
+            date(int(y), int(mo or 1), int(d))
+        if hh is not None:
+            datetime(2000, 1, 1, int(hh), int(mi or 0), min(int(ss or 0), 59))
+        if sign is not None and (
+            int(om) > 59 or timedelta(hours=int(oh), minutes=int(om)) > timedelta(hours=14)
+        ):
+            raise ValueError
+    except ValueError:
+        raise DataTypeError("not a valid calendar date or time", location=location) from None
+    return y, mo, d, hh, mi, ss, frac, sign, oh, om
+
+
+def date_time(value: str, location: str) -> str | None:
+    """HL7 TS/DTM → FHIR dateTime, keeping the precision and the UTC offset.
+
+    ``2024`` → ``2024``; ``202403`` → ``2024-03``; ``20240315`` → ``2024-03-15``;
+    ``202403151230-0500`` → ``2024-03-15T12:30:00-05:00`` (FHIR has no minute
+    precision: seconds are filled with 00); fractional seconds are kept. Without
+    an offset the time is emitted without one (the sender's local time; FHIR
+    consumers must not assume UTC).
+    """
+    value = value.strip()
+    if not value:
+        return None
+    y, mo, d, hh, mi, ss, frac, sign, oh, om = _parse_ts(value, location)
+    if mo is None:
+        return y
+    if d is None:
+        return f"{y}-{mo}"
+    if hh is None:
+        return f"{y}-{mo}-{d}"
+    text = f"{y}-{mo}-{d}T{hh}:{mi or '00'}:{ss or '00'}"
+    if frac:
+        text += f".{frac}"
+    if sign is not None:
+        text += f"{sign}{oh}:{om}"
+    return text
+
+
+def date_only(value: str, location: str) -> str | None:
+    """HL7 DT/TS → FHIR date (birth dates): the date part, its precision kept."""
+    value = value.strip()
+    if not value:
+        return None
+    y, mo, d, *_ = _parse_ts(value, location)
+    if mo is None:
+        return y
+    if d is None:
+        return f"{y}-{mo}"
+    return f"{y}-{mo}-{d}"
+
+
+def instant(value: str, location: str) -> str | None:
+    """HL7 TS → FHIR instant, only when the value has seconds and an offset."""
+    value = value.strip()
+    if not value:
+        return None
+    y, mo, d, hh, mi, ss, frac, sign, oh, om = _parse_ts(value, location)
+    if ss is None or sign is None:
+        return None  # an instant needs seconds and an offset; _parse_ts checked the rest
+    fraction = f".{frac}" if frac else ""
+    return f"{y}-{mo}-{d}T{hh}:{mi}:{ss}{fraction}{sign}{oh}:{om}"
+
+
+# --- codes ----------------------------------------------------------------------------
+
+
+def code(value: str) -> str:
+    """A FHIR code: no leading, trailing or repeated whitespace."""
+    if " " in value or "\t" in value or value != value.strip():
+        return " ".join(value.split())
+    return value
+
+
+def code_system(name: str) -> str | None:
+    """FHIR system URI for a table 0396 coding system name; local ones get a URN."""
+    name = name.strip()
+    if not name:
+        return None
+    known = CODE_SYSTEMS.get(name) or CODE_SYSTEMS.get(name.upper())
+    if known:
+        return known
+    table = _TABLE_RE.fullmatch(name.upper())
+    if table:
+        return f"http://terminology.hl7.org/CodeSystem/v2-{table.group(1)}"
+    if _OID_RE.fullmatch(name):
+        return f"urn:oid:{name}"
+    return CODE_SYSTEM_PREFIX + (name if _URI_SAFE.fullmatch(name) else quote(name, safe=""))
+
+
+def coding(code_value: str, display: str = "", system: str | None = None) -> dict[str, Any] | None:
+    code_value = code(code_value)
+    if not code_value and not display:
+        return None
+    out: dict[str, Any] = {}
+    if system:
+        out["system"] = system
+    if code_value:
+        out["code"] = code_value
+    if display:
+        out["display"] = display
+    return out
+
+
+def codeable_concept(ctx: MappingContext, c: Components) -> dict[str, Any] | None:
+    """CE/CWE/CNE → CodeableConcept: the primary (1-3) and alternate (4-6) codings;
+    text from CWE-9 (original text), else the first display."""
+    if not c:
+        return None
+    codings = []
+    for first in (1, 4):
+        found = coding(c.text(first), c.text(first + 1), code_system(c.text(first + 2)))
+        if found is not None and "code" in found:
+            codings.append(found)
+    text = c.text(9) or next((x["display"] for x in codings if "display" in x), "")
+    if not text and not codings:
+        text = c.text(2) or c.text(1)
+    if not codings and not text:
+        return None
+    out: dict[str, Any] = {}
+    if codings:
+        out["coding"] = codings
+    if text:
+        out["text"] = text
+    return out
+
+
+def table_concept(
+    value: str, system: str, display: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """A CodeableConcept for a code from a known HL7 table."""
+    value = code(value)
+    if not value:
+        return None
+    found: dict[str, Any] = {"system": system, "code": value}
+    if display and value in display:
+        found["display"] = display[value]
+    return {"coding": [found]}
+
+
+# --- identifiers ----------------------------------------------------------------------
+
+
+def authority_system(
+    ctx: MappingContext, namespace: str, universal_id: str = "", id_type: str = ""
+) -> str | None:
+    """Identifier.system for an assigning authority (HD).
+
+    Order: ``identifier_systems`` from the configuration (by namespace); an OID
+    (``urn:oid:``), UUID or URI universal id; an OID namespace; otherwise
+    ``urn:hl7bridge:authority:<namespace>``. None when the authority is empty.
+    """
+    ns = namespace.strip()
+    configured = ctx.options.identifier_systems.get(ns) if ns else None
+    if configured:
+        return configured
+    kind = id_type.strip().upper()
+    uid = universal_id.strip()
+    if uid:
+        if (kind == "ISO" or not kind) and _OID_RE.fullmatch(uid):
+            return f"urn:oid:{uid}"
+        if kind == "UUID" and _UUID_RE.fullmatch(uid):
+            return f"urn:uuid:{uid.lower()}"
+        if kind == "URI" and uid.split() == [uid]:
+            return uid
+    if ns:
+        if _OID_RE.fullmatch(ns):
+            return f"urn:oid:{ns}"
+        return AUTHORITY_PREFIX + (ns if _URI_SAFE.fullmatch(ns) else quote(ns, safe=""))
+    if uid:
+        return AUTHORITY_PREFIX + (uid if _URI_SAFE.fullmatch(uid) else quote(uid, safe=""))
+    return None
+
+
+def identifier(ctx: MappingContext, c: Components) -> dict[str, Any] | None:
+    """CX → Identifier (value CX-1, system from CX-4, type from CX-5 table 0203)."""
+    value = c.text(1)
+    if not value:
+        return None
+    out: dict[str, Any] = {}
+    type_code = c.text(5)
+    if type_code:
+        out["type"] = {"coding": [{"system": V2_0203, "code": code(type_code)}]}
+    authority = c.subs(4)
+    system = authority_system(ctx, authority.text(1), authority.text(2), authority.text(3))
+    if system:
+        out["system"] = system
+    out["value"] = value
+    return out
+
+
+def entity_identifier(
+    ctx: MappingContext, c: Components, type_code: str | None = None
+) -> dict[str, Any] | None:
+    """EI (placer/filler numbers) → Identifier; ``type_code`` from table 0203 (PLAC, FILL)."""
+    value = c.text(1)
+    if not value:
+        return None
+    out: dict[str, Any] = {}
+    if type_code:
+        out["type"] = {"coding": [{"system": V2_0203, "code": type_code}]}
+    system = authority_system(ctx, c.text(2), c.text(3), c.text(4))
+    if system:
+        out["system"] = system
+    out["value"] = value
+    return out
+
+
+# --- people, places, contacts ---------------------------------------------------------
+
+#: HL7 table 0200 (name type) → FHIR name-use.
+NAME_USE: Final[dict[str, str]] = {
+    "L": "official",
+    "D": "usual",
+    "M": "maiden",
+    "N": "nickname",
+    "A": "anonymous",
+    "S": "anonymous",
+    "MSK": "anonymous",
+    "C": "official",
+    "R": "official",
+    "T": "usual",
+    "TEMP": "temp",
+    "NAV": "temp",
+    "BAD": "old",
+    "NOUSE": "old",
+}
+
+#: HL7 table 0190 (address type) → FHIR address-use.
+ADDRESS_USE: Final[dict[str, str]] = {
+    "H": "home",
+    "B": "work",
+    "O": "work",
+    "C": "temp",
+    "BA": "old",
+    "BI": "billing",
+}
+
+#: HL7 table 0201 (telecommunication use) → FHIR contact-point-use.
+TELECOM_USE: Final[dict[str, str]] = {"PRN": "home", "ORN": "home", "VHN": "temp", "WPN": "work"}
+
+#: HL7 table 0202 (telecommunication equipment) → FHIR contact-point-system.
+TELECOM_SYSTEM: Final[dict[str, str]] = {
+    "PH": "phone",
+    "CP": "phone",
+    "FX": "fax",
+    "BP": "pager",
+    "INTERNET": "email",
+    "X.400": "email",
+    "MD": "other",
+    "TDD": "other",
+    "TTY": "other",
+}
+
+
+def human_name(c: Components, *, offset: int = 0) -> dict[str, Any] | None:
+    """XPN → HumanName. ``offset`` 1 reads the XCN layout (name starts at XCN-2)."""
+    o = offset
+    name: dict[str, Any] = {}
+    family = c.text(1 + o)
+    if family:
+        name["family"] = family
+    given = [g for g in (c.text(2 + o), c.text(3 + o)) if g]
+    if given:
+        name["given"] = given
+    prefix = c.text(5 + o)
+    if prefix:
+        name["prefix"] = [prefix]
+    suffix = [s for s in (c.text(4 + o), c.text(6 + o)) if s]
+    if offset == 0 and c.text(14):
+        suffix.append(c.text(14))
+    if suffix:
+        name["suffix"] = suffix
+    if not name:
+        return None
+    use = NAME_USE.get(c.text(7 if offset == 0 else 10).upper())
+    if use:
+        name["use"] = use
+    return name
+
+
+def address(c: Components) -> dict[str, Any] | None:
+    """XAD → Address (lines from XAD-1 subcomponents and XAD-2)."""
+    out: dict[str, Any] = {}
+    street = c.subs(1)
+    lines = [s for s in (street.text(1), street.text(2), street.text(3)) if s]
+    if c.text(2):
+        lines.append(c.text(2))
+    if lines:
+        out["line"] = lines
+    for key, i in (("city", 3), ("state", 4), ("postalCode", 5), ("country", 6)):
+        v = c.text(i)
+        if v:
+            out[key] = v
+    district = c.text(9)
+    if district:
+        out["district"] = district
+    if not out:
+        return None
+    kind = c.text(7).upper()
+    use = ADDRESS_USE.get(kind)
+    if use:
+        out["use"] = use
+    elif kind == "M":
+        out["type"] = "postal"
+    return out
+
+
+def contact_point(c: Components, default_use: str | None = None) -> dict[str, Any] | None:
+    """XTN → ContactPoint (XTN-1 or XTN-12 or the parts 5-8; e-mail from XTN-4)."""
+    use_code = c.text(2).upper()
+    equipment = c.text(3).upper()
+    system = TELECOM_SYSTEM.get(equipment)
+    if use_code == "NET":
+        system = "email"
+    if system == "email":
+        value = c.text(4) or c.text(1)
+    else:
+        value = c.text(1) or c.text(12)
+        if not value and c.text(7):
+            parts = (
+                f"+{c.text(5)}" if c.text(5) else "",
+                f"({c.text(6)})" if c.text(6) else "",
+                c.text(7),
+                f"x{c.text(8)}" if c.text(8) else "",
+            )
+            value = " ".join(p for p in parts if p)
+    if not value:
+        return None
+    point: dict[str, Any] = {"system": system or "phone", "value": value}
+    use = "mobile" if equipment == "CP" else TELECOM_USE.get(use_code, default_use or "")
+    if use:
+        point["use"] = use
+    return point
+
+
+def practitioner(ctx: MappingContext, c: Components) -> str | None:
+    """XCN → a Practitioner in the Bundle (once per identity); its reference.
+
+    The id comes from XCN-1 and its authority (XCN-9) when present, so one
+    practitioner keeps one id across messages; otherwise from the name within
+    this event.
+    """
+    if not c:
+        return None
+    ident = c.text(1)
+    authority = c.subs(9)
+    name = human_name(c, offset=1)
+    if not ident and name is None:
+        return None
+    resource: dict[str, Any] = {"resourceType": "Practitioner"}
+    if ident:
+        system = authority_system(ctx, authority.text(1), authority.text(2), authority.text(3))
+        found: dict[str, Any] = {"value": ident}
+        if system:
+            found["system"] = system
+        type_code = c.text(13)
+        if type_code:
+            found["type"] = {"coding": [{"system": V2_0203, "code": code(type_code)}]}
+        resource["identifier"] = [found]
+        key = f"Practitioner|{system or ''}|{ident}"
+        resource["id"] = _global_id(key)
+    else:
+        resource["id"] = ctx.resource_id(f"Practitioner/{c.raw}")
+    if name is not None:
+        resource["name"] = [name]
+    return ctx.add(resource)
+
+
+def organization(ctx: MappingContext, c: Components) -> str | None:
+    """XON (or an HD facility) → an Organization in the Bundle; its reference."""
+    if not c:
+        return None
+    name = c.text(1)
+    ident = c.text(10) or c.text(3)
+    if not name and not ident:
+        return None
+    resource: dict[str, Any] = {"resourceType": "Organization"}
+    if name:
+        resource["name"] = name
+    if ident:
+        authority = c.subs(6)
+        system = authority_system(ctx, authority.text(1), authority.text(2), authority.text(3))
+        found: dict[str, Any] = {"value": ident}
+        if system:
+            found["system"] = system
+        resource["identifier"] = [found]
+    resource["id"] = _global_id(f"Organization|{ident}|{name}")
+    return ctx.add(resource)
+
+
+def location(ctx: MappingContext, c: Components) -> str | None:
+    """PL → a Location in the Bundle (point of care / room / bed as one name)."""
+    if not c:
+        return None
+    parts = [c.text(i) for i in (1, 2, 3)]
+    facility = c.text(4)
+    name = " ".join(p for p in parts if p) or facility
+    if not name:
+        return None
+    resource: dict[str, Any] = {"resourceType": "Location", "name": name, "mode": "instance"}
+    description = c.text(9)
+    if description:
+        resource["description"] = description
+    resource["id"] = _global_id(f"Location|{facility}|{'|'.join(parts)}")
+    return ctx.add(resource)
+
+
+def quantity(value: str, units: Components, location: str) -> dict[str, Any]:
+    """A number and its units (CWE) → Quantity; UCUM system only when the units say so."""
+    number = value.strip()
+    if not _NUMBER_RE.fullmatch(number):
+        raise DataTypeError("not a number", location=location)
+    out: dict[str, Any] = {"value": _number(number)}
+    unit_code = units.text(1)
+    unit_text = units.text(2) or unit_code
+    if unit_text:
+        out["unit"] = unit_text
+    system = units.text(3).upper()
+    if unit_code and (system in ("UCUM", "ANS+") or (not system and _looks_ucum(unit_code))):
+        out["system"] = "http://unitsofmeasure.org"
+        out["code"] = unit_code
+    return out
+
+
+def _number(text: str) -> int | float:
+    """JSON number keeping the sender's value (``4.40`` stays 4.4; ints stay ints)."""
+    if "." in text:
+        return float(text)
+    return int(text)
+
+
+#: Unit strings that are valid UCUM as they stand and are common in lab results.
+_UCUM_COMMON: Final = frozenset(
+    {
+        "%",
+        "g/dL",
+        "mg/dL",
+        "mmol/L",
+        "umol/L",
+        "mEq/L",
+        "U/L",
+        "IU/L",
+        "fL",
+        "pg",
+        "g/L",
+        "mg/L",
+        "ng/mL",
+        "pg/mL",
+        "10*3/uL",
+        "10*6/uL",
+        "10*9/L",
+        "10*12/L",
+        "mm[Hg]",
+        "kg",
+        "g",
+        "cm",
+        "m",
+        "/min",
+        "Cel",
+        "[degF]",
+        "s",
+        "min",
+        "h",
+        "d",
+        "wk",
+        "mo",
+        "a",
+        "L",
+        "mL",
+        "uL",
+        "mg",
+        "ug",
+        "ng",
+        "mmol/mol",
+        "mL/min",
+        "mL/min/{1.73_m2}",
+        "kg/m2",
+        "[in_i]",
+        "[lb_av]",
+        "{ratio}",
+        "1",
+        "/uL",
+        "/hpf",
+    }
+)
+
+
+def _looks_ucum(unit: str) -> bool:
+    return unit in _UCUM_COMMON
+
+
+def _global_id(key: str) -> str:
+    """An id shared by every message that names the same thing (not event-scoped)."""
+    return uuid5_str(key)

@@ -1,0 +1,1 @@
+"""Family mapper: being written."""
