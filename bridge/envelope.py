@@ -15,6 +15,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 from bridge.kafka import Headers
@@ -75,6 +76,18 @@ class EventAttributes:
     bridge_instance: str | None = None
     leader_epoch: int | None = None
     unmapped: tuple[str, ...] = ()
+
+    def structured(self, data: Any) -> dict[str, Any]:
+        """The event in CloudEvents structured JSON form (``hl7bridge convert``):
+        the same attributes as the Kafka headers, extensions as top-level members."""
+        out: dict[str, Any] = {}
+        for name, value in self.headers():
+            if name == "content-type":
+                out["datacontenttype"] = value.decode()
+            else:
+                out[name.removeprefix("ce_")] = value.decode()
+        out["data"] = data
+        return out
 
     def headers(self) -> Headers:
         """The Kafka record headers for this event (binary content mode)."""

@@ -36,17 +36,11 @@ from adapters.hl7v2.er7 import (
     Hl7Message,
     MessageHeader,
     parse_message,
-    patient_key,
     validate_header,
 )
 from adapters.mllp.server import RejectReason
 from bridge.dedupe import DuplicateFilter, content_fingerprint
 from bridge.envelope import (
-    HL7V2_ER7,
-    EventAttributes,
-    hl7v2_event_id,
-    hl7v2_event_type,
-    hl7v2_source,
     now_rfc3339,
 )
 from bridge.errors import (
@@ -55,13 +49,13 @@ from bridge.errors import (
     MessageTooLarge,
     OverloadedError,
     UnavailableError,
-    UnmappedContent,
     UnsupportedMessageType,
     describe_failure,
 )
+from bridge.events import hl7v2_event
 from bridge.kafka import Delivered, Headers, OutRecord, Topics
 from bridge.metrics import BridgeMetrics
-from bridge.normalize import MappingOptions, normalize
+from bridge.normalize import MappingOptions
 
 log = logging.getLogger(__name__)
 
@@ -240,49 +234,23 @@ class Hl7v2Pipeline:
     # --- records ------------------------------------------------------------------------
 
     def _records(self, message: Hl7Message, payload: bytes, fingerprint: bytes) -> list[OutRecord]:
-        header = message.header
-        event_id = hl7v2_event_id(header.sender_key, header.control_id, fingerprint)
-        source = hl7v2_source(
-            header.sending_application, header.sending_facility, header.encoding.component
+        settings = self._settings
+        described = hl7v2_event(
+            message,
+            instance_id=settings.instance_id,
+            mapping=settings.mapping,
+            strict_mapping=settings.strict_mapping,
+            fingerprint=fingerprint,
         )
-        key_text = patient_key(message)
-        normalized = normalize(
-            message, event_id=event_id, source=source, options=self._settings.mapping
-        )
-        if self._settings.strict_mapping and normalized.unmapped:
-            raise UnmappedContent(
-                "content the mapping does not carry (strict_mapping): "
-                + ", ".join(normalized.unmapped[:20])
-            )
-        subject = None if normalized.patient_id is None else f"Patient/{normalized.patient_id}"
-        # Without a patient, order per sender instead of per patient.
-        record_key = (key_text if key_text is not None else f"sender|{header.sender_key}").encode()
-        received = now_rfc3339()
-        common = {
-            "id": event_id,
-            "source": source,
-            "time": received,
-            "subject": subject,
-            "hl7_control_id": header.control_id,
-            "hl7_message_type": header.message_type,
-            "hl7_version": header.version_id,
-            "bridge_instance": self._settings.instance_id,
-        }
-        event = EventAttributes(
-            type=hl7v2_event_type(header.message_type),
-            unmapped=normalized.unmapped,
-            **common,  # type: ignore[arg-type]
-        )
-        raw = EventAttributes(
-            type="org.hl7bridge.hl7v2.raw",
-            # The codec actually used: an unlabelled latin-1 message says so.
-            content_type=f"{HL7V2_ER7}; charset={header.codec}".encode(),
-            **common,  # type: ignore[arg-type]
-        )
-        topics = self._settings.topics
+        key = described.record_key
         return [
-            OutRecord(topics.raw_hl7v2, payload, record_key, raw.headers()),
-            OutRecord(topics.events, orjson.dumps(normalized.bundle), record_key, event.headers()),
+            OutRecord(settings.topics.raw_hl7v2, payload, key, described.raw.headers()),
+            OutRecord(
+                settings.topics.events,
+                orjson.dumps(described.data),
+                key,
+                described.event.headers(),
+            ),
         ]
 
     def _dlq_headers(self, header: MessageHeader | None, error: BridgeError) -> Headers:

@@ -549,7 +549,7 @@ async def test_unexpected_normalizer_failure_goes_to_the_dlq_and_processing_cont
     def broken(*args: object, **kwargs: object) -> dict[str, object]:
         raise RuntimeError("mapping defect")
 
-    monkeypatch.setattr("bridge.pipeline.normalize", broken)
+    monkeypatch.setattr("bridge.events.normalize", broken)
     with caplog.at_level(logging.ERROR, logger="bridge.pipeline"):
         failed = await handle(pipeline, message(control_id="C-BROKEN"))
 
