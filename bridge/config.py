@@ -14,13 +14,21 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bridge.errors import ConfigError
 
@@ -89,6 +97,13 @@ class Settings(BaseModel):
     """An MLLP connection silent this long is closed."""
     max_connections: int = Field(default=1000, ge=1, le=100_000)
     """Open MLLP connections at most; one more is answered AR 207 and closed."""
+
+    mllp_tls_cert_file: Path | None = None
+    """PEM certificate (chain) of the MLLP listener; set with the key to serve MLLP over TLS."""
+    mllp_tls_key_file: Path | None = None
+    """PEM private key of that certificate."""
+    mllp_tls_client_ca_file: Path | None = None
+    """PEM CA bundle: when set, senders must present a client certificate it signed (mTLS)."""
 
     # --- HTTP -----------------------------------------------------------------
     http_host: str = "0.0.0.0"
@@ -178,6 +193,34 @@ class Settings(BaseModel):
                 )
         return value
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.mllp_tls_cert_file is None) != (self.mllp_tls_key_file is None):
+            raise ValueError("mllp_tls_cert_file and mllp_tls_key_file must be set together")
+        if self.mllp_tls_client_ca_file is not None and self.mllp_tls_cert_file is None:
+            raise ValueError("mllp_tls_client_ca_file needs mllp_tls_cert_file and its key")
+        for name in ("mllp_tls_cert_file", "mllp_tls_key_file", "mllp_tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file {path}")
+        return self
+
+    def mllp_ssl_context(self) -> ssl.SSLContext | None:
+        """The listener's TLS context, or None for plain MLLP."""
+        if self.mllp_tls_cert_file is None or self.mllp_tls_key_file is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.mllp_tls_cert_file, self.mllp_tls_key_file)
+            if self.mllp_tls_client_ca_file is not None:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(cafile=self.mllp_tls_client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load the MLLP TLS certificate, key or CA: {exc}", key="mllp_tls_cert_file"
+            ) from exc
+        return context
+
     # --- derived ----------------------------------------------------------------
     @property
     def zookeeper_servers(self) -> str:
@@ -266,7 +309,10 @@ def build_settings(
         problems = []
         key = None
         for error in exc.errors():
-            key = str(error["loc"][0]) if error["loc"] else None
+            if not error["loc"]:  # a rule across settings: its message names them
+                problems.append(error["msg"].removeprefix("Value error, "))
+                continue
+            key = str(error["loc"][0])
             where = f" (from {origin[key]})" if key in origin else ""
             problems.append(f"{key}{where}: {error['msg']}")
         raise ConfigError("invalid setting " + "; ".join(problems), key=key) from None

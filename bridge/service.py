@@ -89,6 +89,7 @@ class BridgeInstance:
                 idle_timeout_s=settings.idle_timeout_s,
                 max_connections=settings.max_connections,
                 drain_timeout_s=settings.drain_timeout_s,
+                ssl=settings.mllp_ssl_context(),
             ),
             self.pipeline,
         )

@@ -50,6 +50,8 @@ apt_install() {
 ensure_system_packages() {
     local wanted=()
     command -v python3 >/dev/null 2>&1 || wanted+=(python3 python3-venv)
+    # The TLS tests make their certificates with the openssl command.
+    command -v openssl >/dev/null 2>&1 || wanted+=(openssl)
     if ! command -v java >/dev/null 2>&1 || [ ! -f "$zookeeper_jar" ]; then
         wanted+=(zookeeper default-jre-headless)
     fi

@@ -327,3 +327,35 @@ async def test_http_health_ready_and_metrics(start_instance: InstanceFactory, br
         'hl7bridge_messages_total{ack_code="AA",channel="mllp",message_type="ADT^A01"} 1.0' in text
     )
     assert "MRN123" not in text and "DOE" not in text
+
+
+async def test_mllp_over_tls_with_client_certificates(
+    start_instance: InstanceFactory, broker: Any, tls_cert: tuple[Path, Path]
+) -> None:
+    import ssl
+
+    cert, key = tls_cert
+    instance = await start_instance(
+        broker.bootstrap,
+        mllp_tls_cert_file=cert,
+        mllp_tls_key_file=key,
+        mllp_tls_client_ca_file=cert,  # the test's one cert signs itself: client cert too
+    )
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    client_ctx.load_cert_chain(cert, key)
+    async with MLLPClient(
+        "127.0.0.1", instance.mllp.port, ssl=client_ctx, server_hostname="localhost"
+    ) as client:
+        assert _msa(await client.send(_adt(control="TLS1"), timeout_s=15)) == ("AA", "TLS1")
+
+    # Without a client certificate the handshake fails: nothing is accepted.
+    anonymous = ssl.create_default_context(cafile=str(cert))
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        async with MLLPClient(
+            "127.0.0.1", instance.mllp.port, ssl=anonymous, server_hostname="localhost"
+        ) as client:
+            await client.send(_adt(control="TLS2"), timeout_s=5)
+    # And plain MLLP on the TLS port gets no ACK.
+    with pytest.raises((TimeoutError, ConnectionError, OSError)):
+        async with MLLPClient("127.0.0.1", instance.mllp.port) as client:
+            await client.send(_adt(control="PLAIN1"), timeout_s=3)

@@ -57,3 +57,18 @@ def test_example_config_is_valid() -> None:
     settings = build_settings(file=example, environ={})
     assert settings.zookeeper_base_path == "/hl7bridge/prod"
     assert settings.kafka_replication_factor == 3
+
+
+def test_tls_cert_and_key_go_together(tmp_path: Path) -> None:
+    from bridge.config import build_settings
+    from bridge.errors import ConfigError
+
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    with pytest.raises(ConfigError, match="mllp_tls_cert_file and mllp_tls_key_file"):
+        build_settings(cli={"mllp_tls_cert_file": str(cert)}, environ={})
+    with pytest.raises(ConfigError, match="no such file"):
+        build_settings(
+            cli={"mllp_tls_cert_file": str(cert), "mllp_tls_key_file": str(tmp_path / "nope")},
+            environ={},
+        )
