@@ -16,6 +16,7 @@ import re
 import socket
 import ssl
 import uuid
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -122,6 +123,9 @@ class Settings(BaseModel):
     """Assigning authority (CX-4.1) → Identifier.system URI, e.g. ``{MRN: urn:oid:1.2.3}``.
     Default for an unlisted authority: ``urn:oid:`` for OIDs, else
     ``urn:hl7bridge:authority:<namespace>``. As an option or env: ``NS=URI,NS2=URI2``."""
+    hl7_default_timezone: str = "UTC"
+    """IANA time zone (e.g. America/Chicago) of HL7 timestamps sent without a UTC offset:
+    set it to the senders' local zone; FHIR needs an offset on every time."""
     dedupe_max_entries: int = Field(default=200_000, ge=0)
     """Accepted messages remembered for duplicate detection at most."""
 
@@ -162,6 +166,15 @@ class Settings(BaseModel):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError("must be host:port[,host:port...]")
+        return value
+
+    @field_validator("hl7_default_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("must be an IANA time zone name like UTC or Europe/Berlin") from None
         return value
 
     @field_validator("identifier_systems", mode="before")

@@ -72,7 +72,10 @@ class BridgeInstance:
                 instance_id=settings.instance_id,
                 accept_message_types=settings.accept_message_types,
                 max_frame_bytes=settings.max_frame_bytes,
-                mapping=MappingOptions(identifier_systems=dict(settings.identifier_systems)),
+                mapping=MappingOptions(
+                    identifier_systems=dict(settings.identifier_systems),
+                    default_timezone=settings.hl7_default_timezone,
+                ),
                 strict_mapping=settings.strict_mapping,
             ),
             self.publisher,

@@ -13,11 +13,13 @@ so a consumer reading only the FHIR data still sees it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any, Final
 from urllib.parse import quote
+from zoneinfo import ZoneInfo
 
 from adapters.hl7v2.er7 import Hl7Message
 
@@ -72,7 +74,21 @@ def normalize(
     """Map one parsed HL7 v2 message. Raises :class:`~bridge.errors.MessageError`
     subclasses (with the HL7 location) for content that cannot be mapped."""
     _load_families()
-    ctx = MappingContext(msg, event_id, options or _DEFAULT_OPTIONS)
+    options = options or _DEFAULT_OPTIONS
+    token = dt.DEFAULT_TIMEZONE.set(_zone(options.default_timezone))
+    try:
+        return _normalize(msg, event_id, source, options)
+    finally:
+        dt.DEFAULT_TIMEZONE.reset(token)
+
+
+@functools.cache
+def _zone(name: str) -> tzinfo:
+    return UTC if name == "UTC" else ZoneInfo(name)
+
+
+def _normalize(msg: Hl7Message, event_id: str, source: str, options: MappingOptions) -> Normalized:
+    ctx = MappingContext(msg, event_id, options)
     header = _message_header(ctx, source)
     entries_header = {"fullUrl": f"urn:uuid:{header['id']}", "resource": header}
 

@@ -30,6 +30,8 @@ class MappingOptions:
 
     #: Assigning authority namespace (CX-4.1 / HD-1) → identifier system URI.
     identifier_systems: dict[str, str] = field(default_factory=dict)
+    #: IANA time zone of timestamps sent without an offset (the senders' local time).
+    default_timezone: str = "UTC"
 
 
 class Segment:

@@ -11,7 +11,8 @@ equivalent are left out of the coded element, never guessed.
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timedelta
+from contextvars import ContextVar
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -106,9 +107,10 @@ def date_time(value: str, location: str) -> str | None:
 
     ``2024`` → ``2024``; ``202403`` → ``2024-03``; ``20240315`` → ``2024-03-15``;
     ``202403151230-0500`` → ``2024-03-15T12:30:00-05:00`` (FHIR has no minute
-    precision: seconds are filled with 00); fractional seconds are kept. Without
-    an offset the time is emitted without one (the sender's local time; FHIR
-    consumers must not assume UTC).
+    precision: seconds are filled with 00); fractional seconds are kept. A time
+    without an offset is the sender's local time; FHIR requires an offset with a
+    time, so the offset of the ``hl7_default_timezone`` setting (an IANA zone,
+    daylight saving applied for that date) is added.
     """
     value = value.strip()
     if not value:
@@ -124,8 +126,30 @@ def date_time(value: str, location: str) -> str | None:
     if frac:
         text += f".{frac}"
     if sign is not None:
-        text += f"{sign}{oh}:{om}"
-    return text
+        return f"{text}{sign}{oh}:{om}"
+    return text + _local_offset(int(y or 0), int(mo), int(d), int(hh), int(mi or 0), int(ss or 0))
+
+
+def _local_offset(y: int, mo: int, d: int, hh: int, mi: int, ss: int) -> str:
+    """``+hh:mm`` of the default time zone at that local time."""
+    zone = DEFAULT_TIMEZONE.get()
+    offset = datetime(y, mo, d, hh, mi, min(ss, 59), tzinfo=zone).utcoffset()
+    if not offset:
+        return "+00:00"
+    minutes = int(offset.total_seconds()) // 60
+    sign = "+" if minutes >= 0 else "-"
+    hours, minutes = divmod(abs(minutes), 60)
+    return f"{sign}{hours:02d}:{minutes:02d}"
+
+
+#: The time zone of timestamps that carry no offset, for the mapping under way.
+#: ``normalize()`` sets it from MappingOptions for the duration of one message.
+DEFAULT_TIMEZONE: Final[ContextVar[tzinfo]] = ContextVar("hl7_default_timezone", default=UTC)
+
+
+def is_instant(text: str) -> bool:
+    """Whether a FHIR dateTime from :func:`date_time` has a time (and so an offset)."""
+    return "T" in text
 
 
 def date_only(value: str, location: str) -> str | None:
@@ -157,10 +181,10 @@ def instant(value: str, location: str) -> str | None:
 
 
 def code(value: str) -> str:
-    """A FHIR code: no leading, trailing or repeated whitespace."""
-    if " " in value or "\t" in value or value != value.strip():
-        return " ".join(value.split())
-    return value
+    """A FHIR code: no leading, trailing or repeated whitespace (any Unicode space)."""
+    if value.isalnum():  # the common case, nothing to fold
+        return value
+    return " ".join(value.split())
 
 
 def code_system(name: str) -> str | None:

@@ -67,8 +67,8 @@ def test_every_corpus_bundle_validates_as_fhir_r4(path: Path) -> None:
     header, patient = bundle["entry"][0], bundle["entry"][1]
     assert header["resource"]["resourceType"] == "MessageHeader"
     assert patient["resource"]["resourceType"] == "Patient"
-    # fullUrl, resource id and MessageHeader.focus agree.
-    assert header["resource"]["focus"] == [{"reference": patient["fullUrl"]}]
+    # fullUrl, resource id and MessageHeader.focus agree; the Patient is the first focus.
+    assert header["resource"]["focus"][0] == {"reference": patient["fullUrl"]}
     for entry in bundle["entry"]:
         assert entry["fullUrl"] == f"urn:uuid:{entry['resource']['id']}"
         assert FHIR_ID.fullmatch(entry["resource"]["id"])
@@ -130,17 +130,14 @@ def test_lab_oru_values() -> None:
     assert bundle["entry"][0]["resource"]["eventCoding"]["code"] == "R01"
     assert "destination" in bundle["entry"][0]["resource"]
     patient = patient_of(bundle)
-    assert patient["identifier"] == [
-        {
-            "type": {
-                "coding": [
-                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}
-                ]
-            },
-            "system": "urn:hl7bridge:authority:1",
-            "value": "10006579",
-        }
-    ]
+    assert patient["identifier"][0] == {
+        "type": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]
+        },
+        "system": "urn:hl7bridge:authority:1",
+        "value": "10006579",
+    }
+    assert [i["type"]["coding"][0]["code"] for i in patient["identifier"]] == ["MR", "SS"]
     assert patient["name"] == [{"family": "DUCK", "given": ["DONALD", "D"]}]
     assert patient["gender"] == "male"
     assert patient["birthDate"] == "1924-10-10"
@@ -340,10 +337,10 @@ def test_timestamp_without_seconds_and_offset_is_now(msh7: str) -> None:
 def test_unmapped_lists_untouched_segments_and_unread_fields() -> None:
     # ZZZ^Z01 has no family mapper: everything but MSH and the first PID is reported.
     msh = MSH_251.replace("ADT^A01^ADT_A01", "ZZZ^Z01")
-    pid = "PID|1||1||DOE^J" + "|" * 25 + "Y"  # PID-30: patient death indicator
+    pid = "PID|1||1||DOE^J" + "|" * 13 + "A123"  # PID-18: patient account number
     msg = parse_message("\r".join((msh, "EVN|A17", pid, "ZPI|1|x", "PID|2||2")).encode())
     result = normalize(msg, event_id="e", source=SOURCE)
-    assert result.unmapped == ("EVN", "PID-30", "ZPI", "PID")
+    assert result.unmapped == ("EVN", "PID-18", "ZPI", "PID")
     header = result.bundle["entry"][0]["resource"]
     assert [e["valueString"] for e in header["extension"]] == list(result.unmapped)
 

@@ -177,7 +177,7 @@ async def test_accepted_message_is_published_raw_then_event_and_answered_aa(
 async def test_raw_and_event_share_ce_id_and_carry_their_headers(
     pipeline: Hl7v2Pipeline, publisher: FakePublisher
 ) -> None:
-    payload = message()
+    payload = message() + b"ZPI|1|local\r"  # a Z-segment: listed as unmapped, no error
     await handle(pipeline, payload)
     raw, event = (headers_of(r) for r in publisher.records)
 
@@ -197,7 +197,7 @@ async def test_raw_and_event_share_ce_id_and_carry_their_headers(
         assert headers["ce_hl7messagetype"] == b"ADT^A01"
         assert headers["ce_hl7version"] == b"2.5.1"
         assert headers["ce_bridgeinstance"] == b"u1"
-    assert event["ce_hl7unmapped"] == b"EVN,PV1"
+    assert event["ce_hl7unmapped"] == b"ZPI"
     assert "ce_hl7unmapped" not in raw
 
 
