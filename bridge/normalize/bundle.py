@@ -95,6 +95,12 @@ def _normalize(msg: Hl7Message, event_id: str, source: str, options: MappingOpti
     pid = ctx.first("PID")
     if pid is not None:
         map_patient(ctx, pid)
+    if msg.header.message_code != "ADT":  # ADT walks its visits itself
+        pv1 = ctx.first("PV1")
+        if pv1 is not None:
+            from .families.adt import encounter_from_pv1
+
+            encounter_from_pv1(ctx, pv1)
     mapper = MAPPERS.get(msg.header.message_code)
     if mapper is not None:
         mapper(ctx)

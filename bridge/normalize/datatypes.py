@@ -523,10 +523,7 @@ def location(ctx: MappingContext, c: Components) -> str | None:
 
 def quantity(value: str, units: Components, location: str) -> dict[str, Any]:
     """A number and its units (CWE) → Quantity; UCUM system only when the units say so."""
-    number = value.strip()
-    if not _NUMBER_RE.fullmatch(number):
-        raise DataTypeError("not a number", location=location)
-    out: dict[str, Any] = {"value": _number(number)}
+    out: dict[str, Any] = {"value": number(value, location)}
     unit_code = units.text(1)
     unit_text = units.text(2) or unit_code
     if unit_text:
@@ -538,11 +535,18 @@ def quantity(value: str, units: Components, location: str) -> dict[str, Any]:
     return out
 
 
-def _number(text: str) -> int | float:
-    """JSON number keeping the sender's value (``4.40`` stays 4.4; ints stay ints)."""
-    if "." in text:
-        return float(text)
-    return int(text)
+def number(text: str, location: str) -> int | float:
+    """An HL7 NM as a JSON number: decimal notation only (no exponent, NaN or inf);
+    ``12`` stays an int, ``4.40`` the float 4.4; integers past 64 bits are refused."""
+    value = text.strip()
+    if not _NUMBER_RE.fullmatch(value):
+        raise DataTypeError("not a number", location=location)
+    if "." in value:
+        return float(value)
+    result = int(value)
+    if not -(2**63) <= result < 2**63:  # beyond what JSON encoders carry exactly
+        raise DataTypeError("number out of range", location=location)
+    return result
 
 
 #: Unit strings that are valid UCUM as they stand and are common in lab results.

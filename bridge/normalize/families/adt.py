@@ -44,7 +44,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-from bridge.errors import DataTypeError
 from bridge.normalize import datatypes as dt
 from bridge.normalize.bundle import register
 from bridge.normalize.context import Components, MappingContext, Segment
@@ -88,7 +87,6 @@ UCUM: Final = "http://unitsofmeasure.org"
 #: FHIR integer / positiveInt upper bound (32-bit signed).
 MAX_INT: Final = 2_147_483_647
 _DIGITS: Final = re.compile(r"[0-9]+")
-_DECIMAL: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 #: Table 0004 (patient class) → Encounter.class: the IG's ConceptMap
 #: table-hl70004-to-v3-actcode (R, B, C, N, U stay v2-0004 codes).
@@ -341,6 +339,18 @@ def _event_code(ctx: MappingContext) -> str:
 # --- Encounter ------------------------------------------------------------------------
 
 
+def encounter_from_pv1(ctx: MappingContext, pv1: Segment) -> str:
+    """PV1 (and a PV2 right after it) → Encounter, for the families whose messages
+    carry a visit (ORU, ORM/OML, VXU, MDM, SIU). No trigger event applies, so the
+    status follows the IG's PV1 rule (finished when PV1-45 is valued, else by class)."""
+    group = _Group(event="", patient_ref=ctx.patient_ref, patient_key=None, primary=True)
+    reference = _encounter(ctx, group, pv1)
+    following = ctx.segments[pv1.index + 1] if pv1.index + 1 < len(ctx.segments) else None
+    if following is not None and following.name == "PV2" and group.encounter is not None:
+        _visit_details(ctx, group.encounter, following)
+    return reference
+
+
 def _encounter(ctx: MappingContext, group: _Group, pv1: Segment) -> str:
     pv1.consume(1)  # set id
     event = group.event
@@ -515,7 +525,7 @@ def _visit_details(ctx: MappingContext, enc: dict[str, Any], pv2: Segment) -> No
     days = pv2.value(11)
     if days:
         enc["length"] = {
-            "value": _number(days, "PV2-11"),
+            "value": dt.number(days, "PV2-11"),
             "unit": "d",
             "system": UCUM,
             "code": "d",
@@ -1124,14 +1134,6 @@ def _period(ctx: MappingContext, seg: Segment, start_n: int, end_n: int) -> dict
     start = dt.date_time(seg.value(start_n), f"{seg.name}-{start_n}")
     end = dt.date_time(seg.value(end_n), f"{seg.name}-{end_n}")
     return {k: v for k, v in (("start", start), ("end", end)) if v}
-
-
-def _number(text: str, location: str) -> int | float:
-    """An HL7 NM as a JSON number (decimal notation only: no exponent, NaN or inf)."""
-    value = text.strip()
-    if not _DECIMAL.fullmatch(value):
-        raise DataTypeError("not a number", location=location)
-    return float(value) if "." in value else int(value)
 
 
 def positive_int(text: str) -> int | None:

@@ -170,7 +170,6 @@ _TQ_DURATION_UNITS: Final[dict[str, str]] = {
     "W": "wk",
     "L": "mo",
 }
-_NM: Final = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
 _TM: Final = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.\d{1,4})?(?:[+-]\d{4})?")
 
 _OCCURRENCE: Final = ("occurrenceDateTime", "occurrencePeriod", "occurrenceTiming")
@@ -678,27 +677,19 @@ def _decimal(value: str, location: str) -> int | float | None:
     value = value.strip()
     if not value:
         return None
-    return _number(value, location)
-
-
-def _number(value: str, location: str) -> int | float:
-    """An HL7 NM as a JSON number (``12`` stays an int, ``0.5`` a float)."""
-    value = value.strip()
-    if not _NM.fullmatch(value):
-        raise DataTypeError("not a number", location=location)
-    return float(value) if "." in value else int(value)
+    return dt.number(value, location)
 
 
 def _positive_int(value: str, location: str) -> int | None:
     value = value.strip()
     if not value:
         return None
-    number = _number(value, location)
+    number = dt.number(value, location)
     return int(number) if number >= 1 else None
 
 
 def _duration(number: str, unit: str) -> dict[str, Any]:
-    value = _number(number, "TQ-3")
+    value = dt.number(number, "TQ-3")
     return {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
 
 
