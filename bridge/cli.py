@@ -187,6 +187,25 @@ def cmd_send(args: argparse.Namespace) -> int:
     )
 
 
+# --- convert ------------------------------------------------------------------------------
+
+#: The settings that change what a message maps to; convert takes them like serve does
+#: (strict_mapping too, as the flag --strict-mapping).
+CONVERT_SETTINGS = ("identifier_systems", "hl7_default_timezone")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bridge.convert import convert_files, options_from_settings
+
+    settings = build_settings(file=args.config, cli=_cli_settings(args))
+    return convert_files(
+        [Path(f) for f in args.files],
+        options_from_settings(settings),
+        data_only=args.data_only,
+        json_lines=args.json_lines,
+    )
+
+
 # --- parser and main ------------------------------------------------------------------------
 
 
@@ -233,6 +252,35 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout-s", type=float, default=30.0, help="wait this long per ACK")
     send.add_argument("--json", action="store_true", help="one JSON object per ACK")
     send.set_defaults(func=cmd_send)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert HL7 v2 messages from files to the CloudEvents the bridge publishes",
+        description=(
+            "Offline, no servers: parse, validate and map every message in the files and print "
+            "its CloudEvent in structured JSON (the same id, type, subject and FHIR data as on "
+            "Kafka). Messages of any type are converted (accept_message_types does not apply). "
+            "Exits 1 if any message could not be converted (FILE#N and the reason on stderr), "
+            "2 if a file cannot be read."
+        ),
+    )
+    convert.add_argument("files", metavar="FILE", nargs="+")
+    convert.add_argument(
+        "--data-only", action="store_true", help="print only the FHIR Bundle, not the event"
+    )
+    convert.add_argument(
+        "--json-lines", action="store_true", help="one JSON document per line (default: indented)"
+    )
+    convert.add_argument(
+        "--strict-mapping",
+        dest="strict_mapping",
+        action="store_const",
+        const=True,
+        default=None,
+        help="fail a message with content the mapping does not carry (setting strict_mapping)",
+    )
+    _add_setting_options(convert, CONVERT_SETTINGS)
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 
