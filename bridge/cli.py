@@ -172,10 +172,16 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from bridge.sender import parse_address, send_files
+    from bridge.sender import client_tls_context, parse_address, send_files
 
     host, port = parse_address(args.address)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    tls = client_tls_context(
+        enabled=args.tls or args.tls_ca_file is not None or args.tls_cert_file is not None,
+        ca_file=args.tls_ca_file,
+        cert_file=args.tls_cert_file,
+        key_file=args.tls_key_file,
+    )
     return _run(
         send_files(
             host,
@@ -183,6 +189,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             [Path(f) for f in args.files],
             timeout_s=args.timeout_s,
             as_json=args.json,
+            tls=tls,
+            server_hostname=args.tls_server_name or host,
         )
     )
 
@@ -251,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("files", metavar="FILE", nargs="+")
     send.add_argument("--timeout-s", type=float, default=30.0, help="wait this long per ACK")
     send.add_argument("--json", action="store_true", help="one JSON object per ACK")
+    tls = send.add_argument_group("TLS", "MLLP over TLS; the server certificate is always verified")
+    tls.add_argument("--tls", action="store_true", help="connect with TLS (system CA store)")
+    tls.add_argument("--tls-ca-file", type=Path, help="PEM CA bundle to verify the server with")
+    tls.add_argument("--tls-cert-file", type=Path, help="PEM client certificate (mutual TLS)")
+    tls.add_argument("--tls-key-file", type=Path, help="PEM key of the client certificate")
+    tls.add_argument("--tls-server-name", help="name to check in the server certificate")
     send.set_defaults(func=cmd_send)
 
     convert = sub.add_parser(

@@ -9,6 +9,7 @@ since the old stream's state is unknown.
 
 from __future__ import annotations
 
+import ssl
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,8 +95,33 @@ def summarize_ack(file: str, index: int, ack: bytes) -> AckSummary:
     return summary
 
 
+def client_tls_context(
+    *, enabled: bool, ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> ssl.SSLContext | None:
+    """The TLS context for ``send``: verification always on; a client certificate
+    when asked (cert and key go together)."""
+    if not enabled:
+        return None
+    if (cert_file is None) != (key_file is None):
+        raise ConfigError("--tls-cert-file and --tls-key-file go together", key="tls_cert_file")
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        if cert_file is not None and key_file is not None:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS files: {exc}", key="tls_ca_file") from exc
+    return context
+
+
 async def send_files(
-    host: str, port: int, files: list[Path], *, timeout_s: float, as_json: bool
+    host: str,
+    port: int,
+    files: list[Path],
+    *,
+    timeout_s: float,
+    as_json: bool,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
 ) -> int:
     """Send every message in ``files``; 0 if every answer was AA/CA, else 1."""
     batches: list[tuple[str, list[bytes]]] = []
@@ -116,10 +142,16 @@ async def send_files(
             for index, message in enumerate(messages, start=1):
                 try:
                     if client is None:
-                        client = await MLLPClient.connect(host, port, timeout_s=timeout_s)
+                        client = await MLLPClient.connect(
+                            host,
+                            port,
+                            timeout_s=timeout_s,
+                            ssl=tls,
+                            server_hostname=server_hostname if tls is not None else None,
+                        )
                     ack = await client.send(message, timeout_s=timeout_s)
                     summary = summarize_ack(name, index, ack)
-                except (TimeoutError, ConnectionError, OSError) as exc:
+                except (TimeoutError, ConnectionError, OSError) as exc:  # ssl.SSLError too
                     problem = "timed out" if isinstance(exc, TimeoutError) else str(exc)
                     summary = AckSummary(name, index, "--", "", problem=problem)
                     if client is not None:

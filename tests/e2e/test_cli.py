@@ -227,3 +227,59 @@ def test_serve_refuses_bad_config_naming_the_key(
     )
     assert result.returncode == 2
     assert named in result.stderr
+
+
+def test_send_over_tls_to_serve(
+    zookeeper: Any,
+    broker: Any,
+    zk_chroot: str,
+    topic_prefix: str,
+    tls_cert: tuple[Path, Path],
+    corpus_dir: Path,
+) -> None:
+    cert, key = tls_cert
+    running = _start(
+        [
+            "serve",
+            "--zookeeper",
+            f"{zookeeper.hosts}{zk_chroot}",
+            "--kafka",
+            broker.bootstrap,
+            "--kafka-idempotence",
+            "false",
+            "--topic-prefix",
+            topic_prefix,
+            "--mllp-host",
+            "127.0.0.1",
+            "--mllp-port",
+            "0",
+            "--http-port",
+            "0",
+            "--mllp-tls-cert-file",
+            str(cert),
+            "--mllp-tls-key-file",
+            str(key),
+        ]
+    )
+    sample = corpus_dir / "microsoft-fhir-converter/data/SampleData/Hl7v2/LAB-ORU-1.hl7"
+    try:
+        ok = _send(
+            running.ready["mllp"],
+            sample,
+            extra=(
+                "--tls-ca-file",
+                str(cert),
+                "--tls-server-name",
+                "localhost",
+                "--timeout-s",
+                "10",
+            ),
+        )
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert ok.stdout.split()[1] == "AA"
+        # An unknown server certificate is refused, never accepted blindly.
+        refused = _send(running.ready["mllp"], sample, extra=("--tls", "--timeout-s", "5"))
+        assert refused.returncode == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in refused.stdout or "certificate" in refused.stdout
+    finally:
+        assert _stop(running) == 0
