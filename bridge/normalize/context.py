@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 
 from adapters.hl7v2.er7 import EncodingChars, Hl7Message
@@ -41,52 +42,68 @@ class Segment:
     field separator and ``raw(2)`` the encoding characters, as in the standard.
     """
 
-    __slots__ = ("_ctx", "_used", "fields", "index", "name")
+    __slots__ = ("_ctx", "carried", "fields", "index", "name")
 
     def __init__(self, ctx: MappingContext, index: int, fields: list[str]) -> None:
         self._ctx = ctx
         self.index = index
         self.fields = fields
         self.name = fields[0]
-        self._used: set[int] = set()
+        #: The fields read or consumed, as a bit mask (bit n: field n). An int, not
+        #: a set: marking is the commonest operation of the mapping (hot path), and
+        #: the family fast paths can mark several fields with one ``|=``.
+        self.carried = 0
 
     def __repr__(self) -> str:  # never the content: it is patient data
         return f"<Segment {self.name} #{self.index} fields={len(self.fields) - 1}>"
 
     @property
     def touched(self) -> bool:
-        return bool(self._used)
+        return self.carried != 0
 
     def consume(self, *numbers: int) -> None:
         """Mark fields as carried without reading them (set ids, structure)."""
-        self._used.update(numbers)
+        carried = self.carried
+        for n in numbers:
+            carried |= 1 << n
+        self.carried = carried
 
     def consume_all(self) -> None:
-        self._used.update(range(1, len(self.fields)))
+        self.carried |= (1 << len(self.fields)) - 2  # fields 1 .. len-1
 
     def raw(self, n: int) -> str:
         """Field ``n`` as it stands in the message (all repetitions, escapes kept)."""
-        self._used.add(n)
-        return self.fields[n] if n < len(self.fields) else ""
+        self.carried |= 1 << n
+        fields = self.fields
+        return fields[n] if n < len(fields) else ""
 
     def reps(self, n: int) -> list[str]:
         """The non-empty repetitions of field ``n``."""
-        value = self.raw(n)
+        self.carried |= 1 << n
+        fields = self.fields
+        value = fields[n] if n < len(fields) else ""
         if not value:
             return []
-        sep = self._ctx.enc.repetition
+        sep = self._ctx.rep_sep
         if sep not in value:
             return [value]
         return [r for r in value.split(sep) if r]
 
     def each(self, n: int) -> list[Components]:
         """The components of every non-empty repetition of field ``n``."""
-        return [Components(self._ctx, r) for r in self.reps(n)]
+        ctx = self._ctx
+        return [Components(ctx, r) for r in self.reps(n)]
 
     def comps(self, n: int, rep: int = 0) -> Components:
         """The components of one repetition of field ``n``."""
+        self.carried |= 1 << n
+        fields = self.fields
+        value = fields[n] if n < len(fields) else ""
+        ctx = self._ctx
+        if rep == 0 and ctx.rep_sep not in value:  # one repetition, the common case
+            return Components(ctx, value)
         reps = self.reps(n)
-        return Components(self._ctx, reps[rep] if rep < len(reps) else "")
+        return Components(ctx, reps[rep] if rep < len(reps) else "")
 
     def value(self, n: int, component: int = 1) -> str:
         """Decoded text of component ``component`` of the first repetition."""
@@ -97,10 +114,13 @@ class Segment:
         return n < len(self.fields) and bool(self.fields[n])
 
     def unused(self) -> list[int]:
+        carried = self.carried | 1  # field 0 is the name
+        fields = self.fields
+        # compress() walks the (mostly empty) fields in C; only non-empty ones get here.
         return [
             n
-            for n in range(1, len(self.fields))
-            if self.fields[n] and n not in self._used and self.fields[n] != '""'
+            for n in compress(range(len(fields)), fields)
+            if not carried >> n & 1 and fields[n] != '""'
         ]
 
 
@@ -112,7 +132,7 @@ class Components:
     def __init__(self, ctx: MappingContext, raw: str) -> None:
         self._ctx = ctx
         self.raw = raw
-        sep = ctx.enc.component
+        sep = ctx.comp_sep
         self._parts = raw.split(sep) if sep in raw else [raw]
 
     def __bool__(self) -> bool:
@@ -123,20 +143,54 @@ class Components:
 
     def part(self, i: int) -> str:
         """Component ``i`` raw (subcomponents and escapes kept)."""
-        return self._parts[i - 1] if 0 < i <= len(self._parts) else ""
+        parts = self._parts
+        return parts[i - 1] if 0 < i <= len(parts) else ""
 
     def text(self, i: int, sub: int = 1) -> str:
         """Component ``i``, subcomponent ``sub``, escapes decoded, stripped."""
-        value = self.part(i)
+        parts = self._parts
+        if not 0 < i <= len(parts):
+            return ""
+        value = parts[i - 1]
         if not value:
             return ""
-        sep = self._ctx.enc.subcomponent
+        ctx = self._ctx
+        sep = ctx.sub_sep
         if sep in value:
             subs = value.split(sep)
             value = subs[sub - 1] if 0 < sub <= len(subs) else ""
         elif sub != 1:
             return ""
-        return self._ctx.decode(value).strip()
+        # Most values have no escape: skip the decode call (hot path).
+        if ctx.esc_char in value:
+            value = ctx.decode(value)
+        return value.strip()
+
+    def texts(self, count: int) -> list[str]:
+        """``[text(1), ..., text(count)]`` (at least ``count`` items, ``""`` padded).
+
+        One call for the datatype maps that read most components of a field
+        (names, addresses, codes: the hot path); a value with no subcomponent and
+        no escape, nearly all of them, is only split and stripped.
+        """
+        parts = self._parts
+        ctx = self._ctx
+        raw = self.raw
+        sub, esc = ctx.sub_sep, ctx.esc_char
+        if sub in raw or esc in raw:
+            # text(i) inlined: a loop, not map(self.text), which calls back from C.
+            out = []
+            for value in parts:
+                if sub in value:
+                    value = value.split(sub, 1)[0]
+                if esc in value:
+                    value = ctx.decode(value)
+                out.append(value.strip())
+        else:  # map, not a comprehension: no frame of its own (Python 3.11)
+            out = list(map(str.strip, parts))
+        if len(out) < count:
+            out += [""] * (count - len(out))
+        return out
 
     def subs(self, i: int) -> Components:
         """Component ``i`` seen as components of its own (its subcomponents)."""
@@ -147,7 +201,7 @@ class Components:
         inst = cls.__new__(cls)
         inst._ctx = ctx
         inst.raw = raw
-        sep = ctx.enc.subcomponent
+        sep = ctx.sub_sep
         inst._parts = raw.split(sep) if sep in raw else [raw]
         return inst
 
@@ -158,6 +212,11 @@ class MappingContext:
     def __init__(self, msg: Hl7Message, event_id: str, options: MappingOptions) -> None:
         self.msg = msg
         self.enc: EncodingChars = msg.encoding
+        # The delimiters as plain attributes: read on every field access (hot path).
+        self.rep_sep: str = self.enc.repetition
+        self.comp_sep: str = self.enc.component
+        self.sub_sep: str = self.enc.subcomponent
+        self.esc_char: str = self.enc.escape
         self.event_id = event_id
         self.options = options
         self.decode = msg.decode_escapes
@@ -168,6 +227,10 @@ class MappingContext:
         self.patient_ref: str | None = None
         #: The Encounter reference once PV1 is mapped.
         self.encounter_ref: str | None = None
+        #: Per-message memo of the family mappers (a practitioner mapped once per
+        #: message, a repeated SPM...), keyed by a name the family chooses. It
+        #: lives and dies with the message, so nothing leaks from one to the next.
+        self.memo: dict[str, Any] = {}
 
     # --- segments -------------------------------------------------------------------
 
@@ -212,6 +275,10 @@ class MappingContext:
     def get(self, reference: str) -> dict[str, Any] | None:
         return self._by_id.get(reference.removeprefix("urn:uuid:"))
 
+    def has_id(self, rid: str) -> bool:
+        """Whether a resource with id ``rid`` is in the Bundle already."""
+        return rid in self._by_id
+
     # --- reporting -------------------------------------------------------------------
 
     def unmapped(self) -> list[str]:
@@ -222,12 +289,20 @@ class MappingContext:
         """
         out: dict[str, None] = {}
         for seg in self.segments:
-            if not seg.touched:
-                if any(f for f in seg.fields[1:]):
+            carried = seg.carried
+            if not carried:
+                if any(seg.fields[1:]):
                     out[seg.name] = None
                 continue
-            for n in seg.unused():
-                out[f"{seg.name}-{n}"] = None
+            fields = seg.fields
+            if ((1 << len(fields)) - 2) & ~carried == 0:
+                continue  # every field carried (consume_all)
+            name = seg.name
+            carried |= 1  # field 0 is the name
+            # Inlined Segment.unused (hot path); compress() skips the empty fields in C.
+            for n in compress(range(len(fields)), fields):
+                if not carried >> n & 1 and fields[n] != '""':
+                    out[f"{name}-{n}"] = None
         return list(out)
 
 

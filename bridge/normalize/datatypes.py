@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from contextvars import ContextVar
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -91,11 +91,15 @@ def _parse_ts(value: str, location: str) -> tuple[str | None, ...]:
             raise ValueError
         if d is not None:
             date(int(y), int(mo or 1), int(d))
-        if hh is not None:
-            datetime(2000, 1, 1, int(hh), int(mi or 0), min(int(ss or 0), 59))
-        if sign is not None and (
-            int(om) > 59 or timedelta(hours=int(oh), minutes=int(om)) > timedelta(hours=14)
+        # Plain comparisons, not datetime/timedelta objects (hot path: every TS).
+        # Second 60 is a leap second, which FHIR allows too.
+        if hh is not None and (
+            int(hh) > 23
+            or (mi is not None and int(mi) > 59)
+            or (ss is not None and int(ss) > 60)
         ):
+            raise ValueError
+        if sign is not None and (int(om) > 59 or int(oh) * 60 + int(om) > 14 * 60):
             raise ValueError
     except ValueError:
         raise DataTypeError("not a valid calendar date or time", location=location) from None
@@ -222,14 +226,20 @@ def codeable_concept(ctx: MappingContext, c: Components) -> dict[str, Any] | Non
     text from CWE-9 (original text), else the first display."""
     if not c:
         return None
+    t = c.texts(9)
     codings = []
-    for first in (1, 4):
-        found = coding(c.text(first), c.text(first + 1), code_system(c.text(first + 2)))
+    for first in (0, 3):
+        found = coding(t[first], t[first + 1], code_system(t[first + 2]))
         if found is not None and "code" in found:
             codings.append(found)
-    text = c.text(9) or next((x["display"] for x in codings if "display" in x), "")
+    text = t[8]
+    if not text:
+        for x in codings:  # a loop, not next(genexpr): cheaper on this hot path
+            if "display" in x:
+                text = x["display"]
+                break
     if not text and not codings:
-        text = c.text(2) or c.text(1)
+        text = t[1] or t[0]
     if not codings and not text:
         return None
     out: dict[str, Any] = {}
@@ -289,15 +299,16 @@ def authority_system(
 
 def identifier(ctx: MappingContext, c: Components) -> dict[str, Any] | None:
     """CX → Identifier (value CX-1, system from CX-4, type from CX-5 table 0203)."""
-    value = c.text(1)
+    t = c.texts(5)
+    value = t[0]
     if not value:
         return None
     out: dict[str, Any] = {}
-    type_code = c.text(5)
+    type_code = t[4]
     if type_code:
         out["type"] = {"coding": [{"system": V2_0203, "code": code(type_code)}]}
-    authority = c.subs(4)
-    system = authority_system(ctx, authority.text(1), authority.text(2), authority.text(3))
+    namespace, universal_id, id_type = c.subs(4).texts(3)[:3]
+    system = authority_system(ctx, namespace, universal_id, id_type)
     if system:
         out["system"] = system
     out["value"] = value
@@ -308,13 +319,14 @@ def entity_identifier(
     ctx: MappingContext, c: Components, type_code: str | None = None
 ) -> dict[str, Any] | None:
     """EI (placer/filler numbers) → Identifier; ``type_code`` from table 0203 (PLAC, FILL)."""
-    value = c.text(1)
+    t = c.texts(4)
+    value = t[0]
     if not value:
         return None
     out: dict[str, Any] = {}
     if type_code:
         out["type"] = {"coding": [{"system": V2_0203, "code": type_code}]}
-    system = authority_system(ctx, c.text(2), c.text(3), c.text(4))
+    system = authority_system(ctx, t[1], t[2], t[3])
     if system:
         out["system"] = system
     out["value"] = value
@@ -371,24 +383,25 @@ TELECOM_SYSTEM: Final[dict[str, str]] = {
 def human_name(c: Components, *, offset: int = 0) -> dict[str, Any] | None:
     """XPN → HumanName. ``offset`` 1 reads the XCN layout (name starts at XCN-2)."""
     o = offset
+    t = c.texts(14)  # t[i - 1] is component i
     name: dict[str, Any] = {}
-    family = c.text(1 + o)
+    family = t[o]
     if family:
         name["family"] = family
-    given = [g for g in (c.text(2 + o), c.text(3 + o)) if g]
+    given = [g for g in (t[1 + o], t[2 + o]) if g]
     if given:
         name["given"] = given
-    prefix = c.text(5 + o)
+    prefix = t[4 + o]
     if prefix:
         name["prefix"] = [prefix]
-    suffix = [s for s in (c.text(4 + o), c.text(6 + o)) if s]
-    if offset == 0 and c.text(14):
-        suffix.append(c.text(14))
+    suffix = [s for s in (t[3 + o], t[5 + o]) if s]
+    if offset == 0 and t[13]:
+        suffix.append(t[13])
     if suffix:
         name["suffix"] = suffix
     if not name:
         return None
-    use = NAME_USE.get(c.text(7 if offset == 0 else 10).upper())
+    use = NAME_USE.get(t[6 if offset == 0 else 9].upper())
     if use:
         name["use"] = use
     return name
@@ -397,22 +410,22 @@ def human_name(c: Components, *, offset: int = 0) -> dict[str, Any] | None:
 def address(c: Components) -> dict[str, Any] | None:
     """XAD → Address (lines from XAD-1 subcomponents and XAD-2)."""
     out: dict[str, Any] = {}
-    street = c.subs(1)
-    lines = [s for s in (street.text(1), street.text(2), street.text(3)) if s]
-    if c.text(2):
-        lines.append(c.text(2))
+    t = c.texts(9)  # t[i - 1] is component i
+    lines = [s for s in c.subs(1).texts(3)[:3] if s]
+    if t[1]:
+        lines.append(t[1])
     if lines:
         out["line"] = lines
-    for key, i in (("city", 3), ("state", 4), ("postalCode", 5), ("country", 6)):
-        v = c.text(i)
+    for key, i in (("city", 2), ("state", 3), ("postalCode", 4), ("country", 5)):
+        v = t[i]
         if v:
             out[key] = v
-    district = c.text(9)
+    district = t[8]
     if district:
         out["district"] = district
     if not out:
         return None
-    kind = c.text(7).upper()
+    kind = t[6].upper()
     use = ADDRESS_USE.get(kind)
     if use:
         out["use"] = use
@@ -423,21 +436,22 @@ def address(c: Components) -> dict[str, Any] | None:
 
 def contact_point(c: Components, default_use: str | None = None) -> dict[str, Any] | None:
     """XTN → ContactPoint (XTN-1 or XTN-12 or the parts 5-8; e-mail from XTN-4)."""
-    use_code = c.text(2).upper()
-    equipment = c.text(3).upper()
+    t = c.texts(12)  # t[i - 1] is component i
+    use_code = t[1].upper()
+    equipment = t[2].upper()
     system = TELECOM_SYSTEM.get(equipment)
     if use_code == "NET":
         system = "email"
     if system == "email":
-        value = c.text(4) or c.text(1)
+        value = t[3] or t[0]
     else:
-        value = c.text(1) or c.text(12)
-        if not value and c.text(7):
+        value = t[0] or t[11]
+        if not value and t[6]:
             parts = (
-                f"+{c.text(5)}" if c.text(5) else "",
-                f"({c.text(6)})" if c.text(6) else "",
-                c.text(7),
-                f"x{c.text(8)}" if c.text(8) else "",
+                f"+{t[4]}" if t[4] else "",
+                f"({t[5]})" if t[5] else "",
+                t[6],
+                f"x{t[7]}" if t[7] else "",
             )
             value = " ".join(p for p in parts if p)
     if not value:
@@ -459,13 +473,13 @@ def practitioner(ctx: MappingContext, c: Components) -> str | None:
     if not c:
         return None
     ident = c.text(1)
-    authority = c.subs(9)
     name = human_name(c, offset=1)
     if not ident and name is None:
         return None
     resource: dict[str, Any] = {"resourceType": "Practitioner"}
     if ident:
-        system = authority_system(ctx, authority.text(1), authority.text(2), authority.text(3))
+        namespace, universal_id, id_type = c.subs(9).texts(3)[:3]
+        system = authority_system(ctx, namespace, universal_id, id_type)
         found: dict[str, Any] = {"value": ident}
         if system:
             found["system"] = system
@@ -524,11 +538,13 @@ def location(ctx: MappingContext, c: Components) -> str | None:
 def quantity(value: str, units: Components, location: str) -> dict[str, Any]:
     """A number and its units (CWE) → Quantity; UCUM system only when the units say so."""
     out: dict[str, Any] = {"value": number(value, location)}
-    unit_code = units.text(1)
-    unit_text = units.text(2) or unit_code
+    if not units:
+        return out
+    unit_code, unit_name, system = units.texts(3)[:3]
+    unit_text = unit_name or unit_code
     if unit_text:
         out["unit"] = unit_text
-    system = units.text(3).upper()
+    system = system.upper()
     if unit_code and (system in ("UCUM", "ANS+") or (not system and _looks_ucum(unit_code))):
         out["system"] = "http://unitsofmeasure.org"
         out["code"] = unit_code

@@ -63,7 +63,6 @@ from dataclasses import dataclass, field
 from datetime import tzinfo
 from functools import lru_cache
 from typing import Any, Final
-from weakref import WeakKeyDictionary
 
 from bridge.errors import DataTypeError, SegmentSequenceError, TableValueNotFound
 from bridge.normalize import datatypes as dt
@@ -342,16 +341,21 @@ def observation_from_obx(
     dateTime used when OBX-14 is empty (OBR-7 in a result group).
     """
     # The hot path of every result message: fields are read straight from the
-    # segment and marked as carried once, instead of one accessor call per field.
+    # segment and marked as carried with one ``|=`` on its bit mask, instead of
+    # one accessor call per field; a field with no delimiter and no escape (set
+    # ids, codes, numbers: nearly all of them) is taken as it is.
     f = obx.fields
     if len(f) < _OBX_FIELDS:
         f = f + [""] * (_OBX_FIELDS - len(f))
-    obx.consume(1, 2, 4, 11)
-    set_id = _plain(ctx, f[1])
-    sub_id = _plain(ctx, f[4])
+    obx.carried |= _OBX_STRUCTURE
+    specials = _specials(ctx)
+    v = f[1]
+    set_id = (v.strip() if specials.isdisjoint(v) else _plain(ctx, v)) if v else ""
+    v = f[4]
+    sub_id = (v.strip() if specials.isdisjoint(v) else _plain(ctx, v)) if v else ""
     key = f"Observation|{key_prefix}|{set_id or '#' + str(obx.index)}|{sub_id}"
     rid = uuid5_str(key)
-    if ctx.get(rid) is not None:  # a repeated set id: do not merge two results into one
+    if ctx.has_id(rid):  # a repeated set id: do not merge two results into one
         rid = uuid5_str(f"{key}|@{obx.index}")
     obs: dict[str, Any] = {"resourceType": "Observation", "id": rid}
 
@@ -360,17 +364,23 @@ def observation_from_obx(
         if ident:
             obs["identifier"] = [ident]
     if based_on:
-        obs["basedOn"] = [{"reference": r} for r in based_on]
+        obs["basedOn"] = (
+            [{"reference": based_on[0]}]  # one order, the common case: no comprehension
+            if len(based_on) == 1
+            else [{"reference": r} for r in based_on]
+        )
 
-    status_code = _plain(ctx, f[11]).upper()
+    v = f[11]
+    status_code = (v.strip() if specials.isdisjoint(v) else _plain(ctx, v)).upper() if v else ""
     obs["status"] = OBSERVATION_STATUS.get(status_code, "unknown")
     if status_code and status_code not in _OBSERVATION_STATUS_EQUIVALENT:
         obs["_status"] = _alternate_code(V2_0085, status_code)
 
     code = None
-    if f[3]:
-        obx.consume(3)
-        code = _cwe(ctx, _rep1(ctx, f[3]))
+    v = f[3]
+    if v:
+        obx.carried |= 1 << 3
+        code = _cwe(ctx, _rep1(ctx, v))
     if code is None:
         code = _unknown_code()
     obs["code"] = code
@@ -382,9 +392,11 @@ def observation_from_obx(
         obs["encounter"] = {"reference": ctx.encounter_ref}
 
     effective = default_effective
-    if f[14]:
-        obx.consume(14)
-        effective = _date_time(ctx, _plain(ctx, f[14]), "OBX-14") or effective
+    v = f[14]
+    if v:
+        obx.carried |= 1 << 14
+        when = v.strip() if specials.isdisjoint(v) else _plain(ctx, v)
+        effective = _date_time(ctx, when, "OBX-14") or effective
     if effective:
         obs["effectiveDateTime"] = effective
 
@@ -394,13 +406,14 @@ def observation_from_obx(
             obs["performer"] = [{"reference": r} for r in performers]
 
     extensions: list[dict[str, Any]] = []
-    value_type = _plain(ctx, f[2]).upper()
+    v = f[2]
+    value_type = (v.strip() if specials.isdisjoint(v) else _plain(ctx, v)).upper() if v else ""
     units = obx.comps(6) if f[6] and value_type in _UNIT_TYPES else Components(ctx, "")
     raw_value = f[5]
     if not raw_value or raw_value == '""':
         has_value = False
-    elif value_type == "NM" and _simple(ctx, raw_value):
-        obx.consume(5)
+    elif value_type == "NM" and specials.isdisjoint(raw_value):
+        obx.carried |= 1 << 5
         obs["valueQuantity"] = dt.quantity(raw_value, units, "OBX-5")
         has_value = True
     else:
@@ -410,8 +423,14 @@ def observation_from_obx(
         if absent:
             obs["dataAbsentReason"] = absent
 
-    if f[8]:
-        interpretation = [x for r in obx.reps(8) if (x := _interpretation(ctx, r))]
+    v = f[8]
+    if v:
+        if ctx.rep_sep in v:
+            interpretation = [x for r in obx.reps(8) if (x := _interpretation(ctx, r))]
+        else:  # one interpretation code, the common case
+            obx.carried |= 1 << 8
+            found = _interpretation(ctx, v)
+            interpretation = [found] if found else []
         if interpretation:
             obs["interpretation"] = interpretation
 
@@ -436,8 +455,12 @@ def observation_from_obx(
         device = _device(ctx, obx.comps(18))
         if device:
             obs["device"] = {"reference": device}
-    if f[7]:
-        reference_range = _reference_range(ctx.decode(obx.raw(7)).strip(), units)
+    v = f[7]
+    if v:
+        obx.carried |= 1 << 7
+        reference_range = _reference_range(
+            (ctx.decode(v) if ctx.esc_char in v else v).strip(), units
+        )
         if reference_range:
             obs["referenceRange"] = [reference_range]
 
@@ -446,9 +469,10 @@ def observation_from_obx(
             nature = dt.table_concept(_plain(ctx, r), f"{_V2}0080")
             if nature:
                 extensions.append({"url": NATURE_OF_ABNORMAL_EXT, "valueCodeableConcept": nature})
-    if f[19]:
-        obx.consume(19)
-        analysis = _date_time(ctx, _plain(ctx, f[19]), "OBX-19")
+    v = f[19]
+    if v:
+        obx.carried |= 1 << 19
+        analysis = _date_time(ctx, _plain(ctx, v), "OBX-19")
         if analysis:
             extensions.append({"url": ANALYSIS_TIME_EXT, "valueDateTime": analysis})
     if extensions:
@@ -458,17 +482,22 @@ def observation_from_obx(
 
 #: OBX fields read by index (up to OBX-25); shorter segments are padded.
 _OBX_FIELDS: Final = 26
+#: OBX-1, 2, 4, 11 (set id, value type, sub-id, status): always carried.
+_OBX_STRUCTURE: Final = (1 << 1) | (1 << 2) | (1 << 4) | (1 << 11)
+#: ``ctx.memo`` key of :func:`_specials`.
+_SPECIALS: Final = "oru.specials"
 
 
-def _simple(ctx: MappingContext, raw: str) -> bool:
-    """No delimiter and no escape in a raw field: it is its own first component."""
-    enc = ctx.enc
-    return not (
-        enc.component in raw
-        or enc.repetition in raw
-        or enc.escape in raw
-        or enc.subcomponent in raw
-    )
+def _specials(ctx: MappingContext) -> frozenset[str]:
+    """The message's delimiters and escape character (a field with none of them is
+    its own first component, already decoded), made once per message."""
+    found: frozenset[str] | None = ctx.memo.get(_SPECIALS)
+    if found is None:
+        enc = ctx.enc
+        found = ctx.memo[_SPECIALS] = frozenset(
+            (enc.component, enc.repetition, enc.escape, enc.subcomponent)
+        )
+    return found
 
 
 def _rep1(ctx: MappingContext, raw: str) -> str:
@@ -490,9 +519,13 @@ def _plain(ctx: MappingContext, raw: str) -> str:
 
 def _first_rep(ctx: MappingContext, seg: Segment, n: int) -> str:
     """Field ``n``'s first repetition, raw (``""`` when empty, nothing marked)."""
-    if not seg.present(n):
+    fields = seg.fields
+    raw = fields[n] if n < len(fields) else ""
+    if not raw:
         return ""
-    return _rep1(ctx, seg.raw(n))
+    seg.carried |= 1 << n
+    sep = ctx.rep_sep
+    return raw.split(sep, 1)[0] if sep in raw else raw
 
 
 def _cwe(ctx: MappingContext, rep: str) -> dict[str, Any] | None:
@@ -544,15 +577,19 @@ def _cwe(ctx: MappingContext, rep: str) -> dict[str, Any] | None:
 
 def _peek(ctx: MappingContext, seg: Segment, n: int) -> str:
     """:func:`_first` without marking the field as carried (to decide first)."""
-    return _plain(ctx, seg.fields[n]) if seg.present(n) else ""
+    fields = seg.fields
+    return _plain(ctx, fields[n]) if n < len(fields) and fields[n] else ""
 
 
 def _first(ctx: MappingContext, seg: Segment, n: int) -> str:
     """Field ``n``'s first component of its first repetition, decoded and stripped
     (``""`` when empty; then nothing is marked, as there is nothing to carry)."""
-    if not seg.present(n):
+    fields = seg.fields
+    raw = fields[n] if n < len(fields) else ""
+    if not raw:
         return ""
-    return _plain(ctx, seg.raw(n))
+    seg.carried |= 1 << n
+    return _plain(ctx, raw)
 
 
 def _map_value(
@@ -831,16 +868,17 @@ def _reference_range(text: str, units: Components) -> dict[str, Any] | None:
 #: OBX-15/16/23/24/25 already mapped in a message, by their content: the
 #: performing lab and its director are the same on every OBX of a report. The
 #: value is the performer references and the fields that carried them.
-_PERFORMERS: Final[
-    WeakKeyDictionary[MappingContext, dict[tuple[str, ...], tuple[list[str], tuple[int, ...]]]]
-] = WeakKeyDictionary()
+#: (Kept in ``ctx.memo``: a plain dict per message, cheaper than a weak mapping.)
+_PERFORMERS: Final = "oru.performers"
 _PERFORMER_FIELDS: Final = (15, 16, 23, 24, 25)
 
 
 def _performers_of(ctx: MappingContext, obx: Segment, f: list[str]) -> list[str]:
     """:func:`_obx_performers` once per distinct content in a message."""
     content = (f[15], f[16], f[23], f[24], f[25])
-    seen = _PERFORMERS.setdefault(ctx, {})
+    seen: dict[tuple[str, ...], tuple[list[str], tuple[int, ...]]] = ctx.memo.setdefault(
+        _PERFORMERS, {}
+    )
     found = seen.get(content)
     if found is not None:
         obx.consume(*found[1])
@@ -914,18 +952,17 @@ def _device(ctx: MappingContext, c: Components) -> str | None:
 
 #: Practitioners already mapped in a message, by their XCN as sent: one message
 #: names the same ordering provider or collector on every OBR.
-_PRACTITIONERS: Final[WeakKeyDictionary[MappingContext, dict[str, str | None]]] = (
-    WeakKeyDictionary()
-)
+#: (The ``ctx.memo`` key: a plain dict per message, cheaper than a weak mapping.)
+_PRACTITIONERS: Final = "oru.practitioners"
 
 
 def _practitioner(ctx: MappingContext, rep: str) -> str | None:
     """XCN (one repetition, raw) → :func:`dt.practitioner`, once per message."""
     if not rep:
         return None
-    seen = _PRACTITIONERS.get(ctx)
+    seen: dict[str, str | None] | None = ctx.memo.get(_PRACTITIONERS)
     if seen is None:
-        seen = _PRACTITIONERS[ctx] = {}
+        seen = ctx.memo[_PRACTITIONERS] = {}
     elif rep in seen:
         return seen[rep]
     ref = seen[rep] = dt.practitioner(ctx, Components(ctx, rep))
@@ -1354,26 +1391,24 @@ def _concept(ctx: MappingContext, rep: str, default_system: str) -> dict[str, An
 
 #: SPM segments already mapped in a message, by content: the same specimen (same
 #: identifiers) is often repeated under every OBR it was used for. The value is
-#: the Specimen reference and the fields the first one left unread (never the
-#: segment: it refers to the context, which would then outlive its message).
-_SPECIMENS: Final[
-    WeakKeyDictionary[MappingContext, dict[tuple[str, ...], tuple[str, frozenset[int]]]]
-] = WeakKeyDictionary()
+#: the Specimen reference and the fields the first one carried (its bit mask).
+#: Kept in ``ctx.memo``, so it lives as long as the message.
+_SPECIMENS: Final = "oru.specimens"
 
 
 def _specimen_from_spm(ctx: MappingContext, spm: Segment, event_key: str) -> str:
     """SPM → Specimen (IG SPM[Specimen]); id from its identifiers when it has them."""
     if not (spm.present(2) or spm.present(31)):
         return _map_spm(ctx, spm, event_key)
-    seen = _SPECIMENS.setdefault(ctx, {})
+    seen: dict[tuple[str, ...], tuple[str, int]] = ctx.memo.setdefault(_SPECIMENS, {})
     content = tuple(spm.fields)
     if content in seen:
-        ref, unread = seen[content]
+        ref, carried = seen[content]
         # Carried by the Specimen of the identical first one, field for field.
-        spm.consume(*(n for n in range(1, len(spm.fields)) if n not in unread))
+        spm.carried |= carried
         return ref
     ref = _map_spm(ctx, spm, event_key)
-    seen[content] = (ref, frozenset(spm.unused()))
+    seen[content] = (ref, spm.carried)
     return ref
 
 
