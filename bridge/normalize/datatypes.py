@@ -94,9 +94,7 @@ def _parse_ts(value: str, location: str) -> tuple[str | None, ...]:
         # Plain comparisons, not datetime/timedelta objects (hot path: every TS).
         # Second 60 is a leap second, which FHIR allows too.
         if hh is not None and (
-            int(hh) > 23
-            or (mi is not None and int(mi) > 59)
-            or (ss is not None and int(ss) > 60)
+            int(hh) > 23 or (mi is not None and int(mi) > 59) or (ss is not None and int(ss) > 60)
         ):
             raise ValueError
         if sign is not None and (int(om) > 59 or int(oh) * 60 + int(om) > 14 * 60):
