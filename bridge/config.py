@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from bridge.errors import ConfigError
+from bridge.normalize.context import MappingOptions
 
 ENV_PREFIX = "HL7BRIDGE_"
 #: Environment variables with the prefix that are not settings.
@@ -233,6 +234,13 @@ class Settings(BaseModel):
                 f"cannot load the MLLP TLS certificate, key or CA: {exc}", key="mllp_tls_cert_file"
             ) from exc
         return context
+
+    def mapping_options(self) -> MappingOptions:
+        """The settings that change what a message maps to (pipeline and convert alike)."""
+        return MappingOptions(
+            identifier_systems=dict(self.identifier_systems),
+            default_timezone=self.hl7_default_timezone,
+        )
 
     # --- derived ----------------------------------------------------------------
     @property

@@ -26,9 +26,9 @@ from typing import IO, Any, Final
 import orjson
 
 from adapters.hl7v2.er7 import parse_message, validate_header
-from adapters.hl7v2.files import split_messages
+from adapters.hl7v2.files import read_files
 from bridge.config import Settings
-from bridge.errors import BridgeError, ConfigError, describe_failure
+from bridge.errors import BridgeError, describe_failure
 from bridge.events import Hl7v2Event, hl7v2_event
 from bridge.normalize import MappingOptions
 
@@ -49,11 +49,7 @@ def options_from_settings(settings: Settings) -> ConvertOptions:
     """The mapping choices of a bridge's settings (identifier_systems,
     hl7_default_timezone, strict_mapping), so convert maps as that bridge does."""
     return ConvertOptions(
-        mapping=MappingOptions(
-            identifier_systems=dict(settings.identifier_systems),
-            default_timezone=settings.hl7_default_timezone,
-        ),
-        strict_mapping=settings.strict_mapping,
+        mapping=settings.mapping_options(), strict_mapping=settings.strict_mapping
     )
 
 
@@ -103,22 +99,6 @@ def convert_message(data: bytes, options: ConvertOptions) -> Hl7v2Event:
         mapping=options.mapping,
         strict_mapping=options.strict_mapping,
     )
-
-
-def read_files(paths: Sequence[Path]) -> list[tuple[str, list[bytes]]]:
-    """Each file's messages. Raises :class:`ConfigError` naming a file that cannot be
-    read or holds no HL7 v2 message: a usage error, found before anything is printed."""
-    batches: list[tuple[str, list[bytes]]] = []
-    for path in paths:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}", key="file") from exc
-        messages = split_messages(data)
-        if not messages:
-            raise ConfigError(f"{path} holds no HL7 v2 message (no MSH segment)", key="file")
-        batches.append((str(path), messages))
-    return batches
 
 
 def convert_batches(

@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 
 from adapters.hl7v2.er7 import parse_message
-from adapters.hl7v2.files import split_messages
+from adapters.hl7v2.files import read_files
 from adapters.mllp.client import MLLPClient
 from bridge.errors import BridgeError, ConfigError
 
@@ -124,16 +124,7 @@ async def send_files(
     server_hostname: str | None = None,
 ) -> int:
     """Send every message in ``files``; 0 if every answer was AA/CA, else 1."""
-    batches: list[tuple[str, list[bytes]]] = []
-    for path in files:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}", key="file") from exc
-        messages = split_messages(data)
-        if not messages:
-            raise ConfigError(f"{path} holds no HL7 v2 message (no MSH segment)", key="file")
-        batches.append((str(path), messages))
+    batches = read_files(files)
 
     failures = 0
     client: MLLPClient | None = None

@@ -31,7 +31,6 @@ from bridge.dedupe import DuplicateFilter
 from bridge.errors import BridgeError, LifecycleError
 from bridge.kafka import KafkaPublisher, Topics, ensure_topics
 from bridge.metrics import BridgeMetrics
-from bridge.normalize import MappingOptions
 from bridge.pipeline import Hl7v2Pipeline, PipelineSettings
 from bridge.web import build_app
 
@@ -72,10 +71,7 @@ class BridgeInstance:
                 instance_id=settings.instance_id,
                 accept_message_types=settings.accept_message_types,
                 max_frame_bytes=settings.max_frame_bytes,
-                mapping=MappingOptions(
-                    identifier_systems=dict(settings.identifier_systems),
-                    default_timezone=settings.hl7_default_timezone,
-                ),
+                mapping=settings.mapping_options(),
                 strict_mapping=settings.strict_mapping,
             ),
             self.publisher,

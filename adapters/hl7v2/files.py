@@ -8,8 +8,11 @@ line that begins with ``MSH`` followed by its field separator.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from pathlib import Path
 
 from adapters.mllp.codec import END_BLOCK, START_BLOCK, Frame, MLLPDecoder
+from bridge.errors import ConfigError
 
 _BOM = b"\xef\xbb\xbf"
 _NEWLINES = re.compile(rb"\r\n|\n|\r")
@@ -38,3 +41,19 @@ def split_messages(data: bytes) -> list[bytes]:
             messages[-1].append(line)
         # Lines before the first MSH are not part of a message: ignored.
     return [b"\r".join(segments) + b"\r" for segments in messages]
+
+
+def read_files(paths: Sequence[Path]) -> list[tuple[str, list[bytes]]]:
+    """Each file's messages. Raises :class:`ConfigError` naming a file that cannot be
+    read or holds no HL7 v2 message: a usage error, found before anything is printed."""
+    batches: list[tuple[str, list[bytes]]] = []
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}", key="file") from exc
+        messages = split_messages(data)
+        if not messages:
+            raise ConfigError(f"{path} holds no HL7 v2 message (no MSH segment)", key="file")
+        batches.append((str(path), messages))
+    return batches
