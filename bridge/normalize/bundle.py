@@ -101,6 +101,10 @@ def _normalize(msg: Hl7Message, event_id: str, source: str, options: MappingOpti
             from .families.adt import encounter_from_pv1
 
             encounter_from_pv1(ctx, pv1)
+        if pid is not None:  # NK1, AL1, IAM, DG1, PR1, IN1 of the PATIENT group
+            from .families.adt import map_patient_group
+
+            map_patient_group(ctx)
     mapper = MAPPERS.get(msg.header.message_code)
     if mapper is not None:
         mapper(ctx)

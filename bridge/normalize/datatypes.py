@@ -433,7 +433,9 @@ def address(c: Components) -> dict[str, Any] | None:
 
 
 def contact_point(c: Components, default_use: str | None = None) -> dict[str, Any] | None:
-    """XTN → ContactPoint (XTN-1 or XTN-12 or the parts 5-8; e-mail from XTN-4)."""
+    """XTN → ContactPoint, the IG's XTN[ContactPoint] map: the value is XTN-12
+    (unformatted number) when valued, else the parts 5-8 when XTN-7 (local number)
+    is valued, else XTN-1; an e-mail (XTN-2 NET, XTN-3 Internet) is XTN-4, else XTN-1."""
     t = c.texts(12)  # t[i - 1] is component i
     use_code = t[1].upper()
     equipment = t[2].upper()
@@ -442,16 +444,18 @@ def contact_point(c: Components, default_use: str | None = None) -> dict[str, An
         system = "email"
     if system == "email":
         value = t[3] or t[0]
+    elif t[11]:
+        value = t[11]
+    elif t[6]:
+        parts = (
+            f"+{t[4]}" if t[4] else "",
+            f"({t[5]})" if t[5] else "",
+            t[6],
+            f"x{t[7]}" if t[7] else "",
+        )
+        value = " ".join(p for p in parts if p)
     else:
-        value = t[0] or t[11]
-        if not value and t[6]:
-            parts = (
-                f"+{t[4]}" if t[4] else "",
-                f"({t[5]})" if t[5] else "",
-                t[6],
-                f"x{t[7]}" if t[7] else "",
-            )
-            value = " ".join(p for p in parts if p)
+        value = t[0]
     if not value:
         return None
     point: dict[str, Any] = {"system": system or "phone", "value": value}

@@ -17,7 +17,7 @@ PID-7     ``birthDate``; with a time of day also ``_birthDate`` extension
 PID-8     ``gender`` (table 0001)
 PID-10    extension ``us-core-race`` (OMB category / detailed CDC code, and text)
 PID-11    ``address``
-PID-13/14 ``telecom`` (home / work)
+PID-13/14 ``telecom`` (home / work); PID-40 ``telecom`` (v2.7+)
 PID-15    ``communication[].language`` (BCP-47 where the code is a language tag
           or an ISO 639-2 code with a 639-1 equivalent), ``preferred`` true
 PID-16    ``maritalStatus`` (table 0002 → v3-MaritalStatus, the IG's ConceptMap;
@@ -25,6 +25,7 @@ PID-16    ``maritalStatus`` (table 0002 → v3-MaritalStatus, the IG's ConceptMa
 PID-17    extension ``patient-religion``
 PID-19    ``identifier`` type SS, system ``http://hl7.org/fhir/sid/us-ssn``
 PID-20    ``identifier`` type DL (DLN: number, issuing state, expiry → period.end)
+PID-21    a RelatedPerson (relationship MTH, identifier; the IG's CX[RelatedPerson-Mother])
 PID-22    extension ``us-core-ethnicity`` (table 0189 H/N or CDC codes, and text)
 PID-23    extension ``patient-birthPlace`` (address text)
 PID-24/25 ``multipleBirthInteger`` (PID-25) else ``multipleBirthBoolean`` (PID-24)
@@ -48,7 +49,7 @@ from bridge.errors import DataTypeError
 
 from . import datatypes as dt
 from .context import Components, MappingContext, Segment
-from .ids import patient_resource_id
+from .ids import patient_resource_id, uuid5_str
 
 #: HL7 table 0001 (administrative sex) → FHIR administrative-gender.
 GENDER: Final[dict[str, str]] = {
@@ -62,6 +63,7 @@ GENDER: Final[dict[str, str]] = {
 
 V3_MARITAL_STATUS: Final = "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus"
 V3_NULL_FLAVOR: Final = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
+V3_ROLE_CODE: Final = "http://terminology.hl7.org/CodeSystem/v3-RoleCode"
 
 #: Table 0002 → v3-MaritalStatus (or v3-NullFlavor), the IG's ConceptMap
 #: table-hl70002-to-v3-maritalstatus: (system, code, display).
@@ -167,9 +169,11 @@ def map_patient(ctx: MappingContext, pid: Segment, *, primary: bool = True) -> s
     if names:
         patient["name"] = names
 
-    if has(13) or has(14):
+    if has(13) or has(14) or has(40):
         telecom = [x for c in pid.each(13) if (x := dt.contact_point(c, "home"))]
         telecom += [x for c in pid.each(14) if (x := dt.contact_point(c, "work"))]
+        # PID-40 (v2.7+, patient telecommunication information) carries its own use.
+        telecom += [x for c in pid.each(40) if (x := dt.contact_point(c)) and x not in telecom]
         if telecom:
             patient["telecom"] = telecom
 
@@ -210,9 +214,34 @@ def map_patient(ctx: MappingContext, pid: Segment, *, primary: bool = True) -> s
     if pd1 is not None:
         _primary_care(ctx, pd1, patient)
 
+    if has(21):
+        _mother(ctx, pid, reference)
+
     if primary:
         ctx.patient_ref = reference
     return reference
+
+
+def _mother(ctx: MappingContext, pid: Segment, patient_ref: str) -> None:
+    """PID-21 (mother's identifier) → a RelatedPerson with relationship MTH (the IG's
+    PID map, CX[RelatedPerson-Mother]); its id follows the patient and the first id."""
+    identifiers = [x for c in pid.each(21) if (x := dt.identifier(ctx, c))]
+    if not identifiers:
+        return
+    first = identifiers[0]
+    patient_id = patient_ref.removeprefix("urn:uuid:")
+    key = f"RelatedPerson|{patient_id}|MTH|{first.get('system', '')}|{first.get('value', '')}"
+    ctx.add(
+        {
+            "resourceType": "RelatedPerson",
+            "id": uuid5_str(key),
+            "identifier": identifiers,
+            "patient": {"reference": patient_ref},
+            "relationship": [
+                {"coding": [{"system": V3_ROLE_CODE, "code": "MTH", "display": "mother"}]}
+            ],
+        }
+    )
 
 
 # --- identity -------------------------------------------------------------------------

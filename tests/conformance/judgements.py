@@ -141,6 +141,20 @@ def source_values(file: str, *locations: str) -> frozenset[str]:
     return frozenset(found)
 
 
+def _xtn_area_local(file: str, segment: str, *fields: int) -> set[str]:
+    """XTN-6 + XTN-7 (area code and local number, joined) of the given fields."""
+    found = set()
+    for seg in _segments(file):
+        if seg[0] != segment:
+            continue
+        for n in fields:
+            for rep in (seg[n] if n < len(seg) else "").split("~"):
+                parts = rep.split("^")
+                if len(parts) >= 7 and parts[6].strip():
+                    found.add(parts[5].strip() + parts[6].strip())
+    return found
+
+
 # --- predicates -------------------------------------------------------------------------------
 
 
@@ -308,7 +322,7 @@ def codes_without_system(d: Disagreement) -> bool:
     ours, theirs = _as_set(d.ours), _as_set(d.theirs)
     if not ours or not theirs or not all(t.startswith("|") for t in theirs - ours):
         return False
-    return {o.split("|", 1)[1] for o in ours} == {t.split("|", 1)[1] for t in theirs}
+    return {o.split("|", 1)[-1] for o in ours} == {t.split("|", 1)[-1] for t in theirs}
 
 
 def _digits(value: str) -> str:
@@ -703,6 +717,21 @@ PATTERNS: tuple[Pattern, ...] = (
         lambda d: d.theirs is None and bool(source_values(d.file, "PID-13", "PID-14")),
     ),
     Pattern(
+        "xtn-6-7-number-dropped",
+        "Patient",
+        "telecom.value",
+        "theirs non-standard",
+        "A PID-13/PID-14 number given as XTN-6 area code + XTN-7 local number (no XTN-1/12): "
+        "the IG's XTN map makes it ContactPoint.value; Microsoft drops it and keeps the "
+        "other numbers.",
+        ig("datatype-xtn-to-contactpoint"),
+        lambda d: (
+            bool(_as_set(d.ours) - _as_set(d.theirs))
+            and _as_set(d.theirs) <= _as_set(d.ours)
+            and (_as_set(d.ours) - _as_set(d.theirs)) <= _xtn_area_local(d.file, "PID", 13, 14)
+        ),
+    ),
+    Pattern(
         "hd-3-as-identifier-system",
         "Patient",
         "identifier.system",
@@ -713,6 +742,16 @@ PATTERNS: tuple[Pattern, ...] = (
         "from its type code.",
         ig("datatype-cx-to-identifier"),
         hd3_as_system,
+    ),
+    Pattern(
+        "siu-request-intent",
+        "ServiceRequest",
+        "intent",
+        "undecidable",
+        "SIU: the IG's AIS[ServiceRequest] map assigns no intent; we write 'order' (the "
+        "request the appointment is booked for), Microsoft 'filler-order'.",
+        ig("segment-ais-to-servicerequest"),
+        all_of(family("SIU"), values_are("order", "filler-order")),
     ),
     Pattern(
         "orc-intent-is-order",
@@ -795,7 +834,111 @@ PATTERNS: tuple[Pattern, ...] = (
         ig("table-hl70085-to-observation-status"),
         _status_from_0085("OBX-11"),
     ),
+    Pattern(
+        "ais-3-is-the-request-identifier",
+        "ServiceRequest",
+        "identifier.value",
+        "theirs non-standard",
+        "SIU: the IG's AIS[ServiceRequest] map sends AIS-3 (universal service identifier) to "
+        "ServiceRequest.identifier (CWE[Identifier]) as well as being the service; Microsoft "
+        "gives the AIS ServiceRequest no identifier.",
+        ig("segment-ais-to-servicerequest"),
+        all_of(
+            family("SIU"),
+            lambda d: d.theirs is None and bool(ours_only_from("AIS-3.1")(d)),
+        ),
+    ),
+    Pattern(
+        "orc-1-ca-is-active",
+        "ServiceRequest",
+        "status",
+        "theirs non-standard",
+        "ORC-5 is empty, so ORC-1 decides (IG ORC map: ORC-1 → status IF ORC-5 NOT VALUED); "
+        "the IG's OrderControlCode map sends CA (cancel order request: the placer asks, the "
+        "order is not cancelled yet) to 'active'; only CR/OC (cancelled) are 'revoked'.",
+        ig("table-hl70119-to-servicerequest-status"),
+        all_of(
+            values_are("active", "revoked"),
+            lambda d: (
+                "CA" in source_values(d.file, "ORC-1")
+                and not source_values(d.file, "ORC-5") - {"CM", "SC", "IP", "A"}
+            ),
+        ),
+    ),
+    Pattern(
+        "icd-9-is-icd-9-cm",
+        "Condition",
+        "code",
+        "theirs non-standard",
+        "DG1-3 coding system I9 (table 0396): 'http://hl7.org/fhir/sid/icd-9' is not a FHIR "
+        "code system URI; FHIR R4's registry names http://hl7.org/fhir/sid/icd-9-cm for ICD-9 "
+        "(and the 5-digit code, e.g. 71596, exists only in ICD-9-CM).",
+        "https://hl7.org/fhir/R4/terminologies-systems.html",
+        lambda d: (
+            any("sid/icd-9|" in t for t in _as_set(d.theirs))
+            and {t.split("|", 1)[-1] for t in _as_set(d.theirs)}
+            == {o.split("|", 1)[-1] for o in _as_set(d.ours) if "sid/icd-9-cm|" in o}
+        ),
+    ),
+    Pattern(
+        "unnamed-coverage-related-person",
+        "RelatedPerson",
+        "*",
+        "theirs non-standard",
+        "Microsoft makes Coverage RelatedPersons that name nobody: a subscriber from IN1-17 "
+        "alone (IN1-16 insured's name empty: the insured is not given) and an 'Employer' "
+        "(v2-0131 E) policy holder from guarantor fields without the guarantor's name. The "
+        "IG's IN1 map makes the subscriber RelatedPerson of the insured (IN1-16..19) only, "
+        "and no v2 field makes the employer a related person.",
+        ig("segment-in1-to-coverage"),
+        lambda d: (
+            d.resource_missing
+            and isinstance(d.theirs_resource, Mapping)
+            and not d.theirs_resource.get("name")
+        ),
+    ),
     # --- undecidable -----------------------------------------------------------------------------
+    Pattern(
+        "dg1-22-parent-diagnosis-condition",
+        "Condition",
+        "*",
+        "undecidable",
+        "Microsoft makes a second Condition with no code, only an identifier from DG1-22 "
+        "(parent diagnosis, EI): a pointer to another diagnosis. The IG's DG1 map does not "
+        "make a resource of DG1-22 (R4 Condition has no parent element); we leave it unread.",
+        ig("segment-dg1-to-condition"),
+        lambda d: (
+            d.resource_missing
+            and isinstance(d.theirs_resource, Mapping)
+            and not d.theirs_resource.get("code")
+            and has_segment("DG1")(d)
+        ),
+    ),
+    Pattern(
+        "siu-request-status",
+        "ServiceRequest",
+        "status",
+        "undecidable",
+        "SIU: the IG's AIS[ServiceRequest] map assigns no status; ours follows the "
+        "appointment's (a cancelled or missed appointment revokes its request, a deleted one "
+        "is entered in error, a booked one is active). Microsoft differs on some messages.",
+        ig("segment-ais-to-servicerequest"),
+        family("SIU"),
+    ),
+    Pattern(
+        "snm3-is-not-snomed-ct",
+        "AllergyIntolerance",
+        "code",
+        "undecidable",
+        "Coding system SNM3 (table 0396) is SNOMED International (SNOMED 3), not SNOMED CT "
+        "(SCT); the IG gives SNM3 no FHIR URI, we keep it as a local system, Microsoft puts "
+        "the code under SNOMED CT (http://snomed.info/sct).",
+        ig("segment-iam-to-allergyintolerance"),
+        lambda d: (
+            any("snomed.info/sct|" in t for t in _as_set(d.theirs))
+            and any("SNM3|" in o for o in _as_set(d.ours))
+        ),
+    ),
     Pattern(
         "patient-data-from-unmapped-segments",
         "*",
@@ -1013,3 +1156,143 @@ def judge(d: Disagreement, patterns: tuple[Pattern, ...] | None = None) -> Patte
         if pattern.matches(d):
             return pattern
     return None
+
+
+# --- resources only we produce ------------------------------------------------------------------
+# Judged as a whole (``field`` "(resource)", ``ours_resource`` set, ``theirs_resource`` None):
+# Microsoft has no resource of the type that pairs with ours.
+
+
+def _ours_code(d: Disagreement) -> set[str]:
+    concept = (d.ours_resource or {}).get("code")
+    if not isinstance(concept, Mapping):
+        return set()
+    return {str(c.get("code", "")).strip() for c in concept.get("coding") or []} - {""}
+
+
+def _obx_value_types(file: str, codes: set[str]) -> set[str]:
+    """OBX-2 of the message's OBX segments whose OBX-3.1 is one of ``codes``."""
+    return {
+        seg[2]
+        for seg in _segments(file)
+        if seg[0] == "OBX" and len(seg) > 3 and seg[3].split("^", 1)[0] in codes
+    }
+
+
+def _ours_from_obx_of_type(*value_types: str) -> Callable[[Disagreement], bool]:
+    def check(d: Disagreement) -> bool:
+        found = _obx_value_types(d.file, _ours_code(d))
+        return bool(found) and found <= set(value_types)
+
+    return check
+
+
+def _ours_family_in(*locations: str) -> Callable[[Disagreement], bool]:
+    def check(d: Disagreement) -> bool:
+        names = (d.ours_resource or {}).get("name") or [{}]
+        family = str(names[0].get("family") or "").strip()
+        return bool(family) and family in source_values(d.file, *locations)
+
+    return check
+
+
+def _ours_identifier_in(*locations: str) -> Callable[[Disagreement], bool]:
+    def check(d: Disagreement) -> bool:
+        values = {str(i.get("value", "")) for i in (d.ours_resource or {}).get("identifier") or []}
+        return bool(values & source_values(d.file, *locations))
+
+    return check
+
+
+OURS_ONLY_PATTERNS: tuple[Pattern, ...] = (
+    Pattern(
+        "merge-prior-patient",
+        "Patient",
+        "(resource)",
+        "theirs non-standard",
+        "Merge/move messages (ADT A40, A41, A45, A47): we make the prior (non-surviving) "
+        "Patient of each MRG and link it (replaced-by) as the IG's MRG segment map does; "
+        "Microsoft keeps only the surviving Patient.",
+        ig("segment-mrg-to-patient"),
+        has_segment("MRG"),
+    ),
+    Pattern(
+        "merge-prior-encounter",
+        "Encounter",
+        "(resource)",
+        "undecidable",
+        "Merge/move messages: we make an Encounter for the prior visit or account of MRG "
+        "(MRG-3/5/6) besides the PV1 visit; Microsoft makes only the PV1 one. The IG's MRG "
+        "map carries the prior identifiers but does not say whether a second Encounter is made.",
+        ig("segment-mrg-to-patient"),
+        has_segment("MRG"),
+    ),
+    Pattern(
+        "attachment-obx-observation",
+        "Observation",
+        "(resource)",
+        "theirs non-standard",
+        "An OBX with an ED or RP value: the IG's OBX[Observation] map makes an Observation of "
+        "every OBX of the order/result group (value as an attachment); Microsoft makes a "
+        "DiagnosticReport (RP) or nothing (ED) of it.",
+        ig("segment-obx-to-observation"),
+        _ours_from_obx_of_type("ED", "RP"),
+    ),
+    Pattern(
+        "obx-observation-microsoft-lacks",
+        "Observation",
+        "(resource)",
+        "theirs non-standard",
+        "An OBX the IG maps to Observation (OBX[Observation]; the OML_O21, ORU_R01 and "
+        "VXU_V04 message maps map every OBX of their observation groups) for which "
+        "Microsoft has no Observation with its OBX-3 code left to pair.",
+        ig("segment-obx-to-observation"),
+        lambda d: bool(_obx_value_types(d.file, _ours_code(d))) or not _ours_code(d),
+    ),
+    Pattern(
+        "obr-request-microsoft-lacks",
+        "ServiceRequest",
+        "(resource)",
+        "theirs non-standard",
+        "An ORC/OBR order: the IG's OML_O21 message map makes a ServiceRequest of every "
+        "OBR; Microsoft has none with its placer/filler number or OBR-4 code left to pair.",
+        ig("segment-obr-to-servicerequest"),
+        has_segment("OBR", "ORC"),
+    ),
+    Pattern(
+        "dg1-condition-microsoft-lacks",
+        "Condition",
+        "(resource)",
+        "theirs non-standard",
+        "A DG1 of the order group: the IG's OML_O21 message map makes a Condition of it "
+        "(ServiceRequest.reasonReference); Microsoft has none.",
+        ig("segment-dg1-to-condition"),
+        has_segment("DG1"),
+    ),
+    Pattern(
+        "pid-21-mother-unnamed",
+        "RelatedPerson",
+        "(resource)",
+        "theirs non-standard",
+        "The mother's RelatedPerson from PID-21 (mother's identifier), as the IG's PID map "
+        "makes it; Microsoft has no RelatedPerson carrying that identifier in this message.",
+        ig("segment-pid-to-patient"),
+        _ours_identifier_in("PID-21.1"),
+    ),
+    Pattern(
+        "nk1-or-insured-microsoft-lacks",
+        "RelatedPerson",
+        "(resource)",
+        "undecidable",
+        "A RelatedPerson of an NK1 or of an IN1 insured (IN1-16): Microsoft has no "
+        "RelatedPerson of that name left to pair (it makes one per distinct person where we "
+        "make one per segment, or none).",
+        ig("segment-nk1-to-relatedperson"),
+        _ours_family_in("NK1-2.1", "IN1-16.1"),
+    ),
+)
+
+
+def judge_ours_only(d: Disagreement) -> Pattern | None:
+    """The verdict on a resource only we produce (see :data:`OURS_ONLY_PATTERNS`)."""
+    return judge(d, OURS_ONLY_PATTERNS)

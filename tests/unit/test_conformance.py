@@ -233,6 +233,69 @@ def test_summary_counts_agreement_and_verdicts(monkeypatch: pytest.MonkeyPatch) 
     assert "| Patient | 5 / 6 | 83.3 % |" in markdown
 
 
+def test_summary_separates_paired_agreement_unpaired_resources_and_overall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(a) agreement over paired resources, (b) unpaired resources per type with their
+    verdicts, (c) the overall figure counting Microsoft-only fields as disagreements."""
+    theirs_only = Pattern("ms-extra", "Observation", "*", "undecidable", "why")
+    ours_only = Pattern("ours-extra", "Observation", "(resource)", "theirs non-standard", "ig")
+    monkeypatch.setattr(judgements, "PATTERNS", (theirs_only,))
+    monkeypatch.setattr(judgements, "OURS_ONLY_PATTERNS", (ours_only,))
+    result = report.MessageResult("a.hl7", 1, "ORU^R01", converted=True, resources=3)
+    result.comparison = compare_bundles(
+        bundle(observation("A", 1), observation("C", 3)),
+        bundle(observation("A", 2), observation("B", 2)),
+        file="a.hl7",
+    )
+    summary = report.summarize([result])
+    overall = summary["agreement"]["overall"]
+    # (a): the paired A/A has 4 fields, the value differs.
+    assert (overall["paired_agreeing"], overall["paired_compared"]) == (3, 4)
+    assert overall["paired_percent"] == pytest.approx(75.0)
+    # (c): B's 4 fields count as disagreements too.
+    assert (overall["agreeing"], overall["compared"]) == (3, 8)
+    # (b): one resource on each side, each judged.
+    unpaired = summary["unpaired"]
+    assert unpaired["by_type"]["Observation"] == {
+        "only_theirs": {"undecidable": 1},
+        "only_ours": {"theirs non-standard": 1},
+    }
+    assert {(p["side"], p["pattern"]) for p in unpaired["patterns"]} == {
+        ("theirs", "ms-extra"),
+        ("ours", "ours-extra"),
+    }
+    text = report.render_text(summary)
+    assert "(a) paired-resource field agreement: 3/4 = 75.0 %" in text
+    assert "(c) overall field agreement" in text
+    markdown = report.render_markdown(summary)
+    assert "## Resources on one side only" in markdown
+    assert "(a) is 75.0 %, (c) is 37.5 %; neither reaches it;" in markdown
+    assert "| only ours | Observation | 1 | `ours-extra` | theirs non-standard |" in markdown
+
+
+def test_an_unpaired_resource_no_pattern_explains_is_unjudged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(judgements, "PATTERNS", ())
+    monkeypatch.setattr(judgements, "OURS_ONLY_PATTERNS", ())
+    result = report.MessageResult("a.hl7", 1, "ORU^R01", converted=True, resources=1)
+    result.comparison = compare_bundles(bundle(observation("C", 3)), bundle(), file="a.hl7")
+    summary = report.summarize([result])
+    assert summary["unpaired"]["by_type"]["Observation"]["only_ours"] == {"unjudged": 1}
+
+
+def test_persons_pair_by_an_identifier_when_one_side_has_no_name() -> None:
+    ours = {"resourceType": "RelatedPerson", "identifier": [{"value": "M-1"}]}
+    theirs = {
+        "resourceType": "RelatedPerson",
+        "identifier": [{"value": "M-1"}],
+        "name": [{"family": "DOE"}],
+    }
+    result = compare_bundles(bundle(ours), bundle(theirs))
+    assert result.tallies["RelatedPerson"].paired == 1
+
+
 def test_write_doc_keeps_the_hand_written_intro(tmp_path: Path) -> None:
     doc = tmp_path / "conformance.md"
     doc.write_text("# My intro\n\nkept\n\n" + report.GENERATED_MARK + "\nold numbers\n")

@@ -39,7 +39,9 @@ EXPECTED = (
 )  # fmt: skip
 ADT_FILES = sorted(MS_DIR.glob("ADT*.hl7"))
 #: Segments the ADT mapper owns: none of them may be left untouched in the corpus.
-CORE_SEGMENTS = {"EVN", "PID", "PD1", "MRG", "NK1", "PV1", "PV2", "AL1", "DG1", "PR1", "IN1"}
+CORE_SEGMENTS = {
+    "EVN", "PID", "PD1", "MRG", "NK1", "PV1", "PV2", "AL1", "IAM", "DG1", "PR1", "IN1"
+}  # fmt: skip
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 ICD9 = "http://hl7.org/fhir/sid/icd-9-cm"
@@ -1034,3 +1036,223 @@ def test_any_adt_content_gives_a_valid_bundle_or_a_data_type_error(
         return
     Bundle.model_validate(result.bundle)
     assert_references_resolve(result.bundle)
+
+
+# --- NK1-3 with a local coding system, PV1-11 / PV2-1 locations, IAM --------------------
+
+
+def test_nk1_relationship_of_a_local_system_goes_through_table_0063() -> None:
+    nk1 = seg("NK1", f1="1", f2="DOE^JOHN", f3="EMC^test^ACR^CHD^^^9.0^10.0")
+    result = run("A01", PID, nk1, version="2.8")
+    assert one(result, "RelatedPerson")["relationship"] == [
+        {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v2-0131", "code": "C",
+                 "display": "Emergency Contact"},
+                {"system": V3_ROLE_CODE, "code": "CHILD", "display": "child"},
+            ],
+            "text": "test",
+        }
+    ]  # fmt: skip
+
+
+def test_nk1_relationship_of_a_standard_system_is_kept_as_sent() -> None:
+    nk1 = seg("NK1", f1="1", f2="DOE^JOHN", f3="72705000^Mother^SCT")
+    result = run("A01", PID, nk1)
+    assert one(result, "RelatedPerson")["relationship"][0]["coding"] == [
+        {"system": SNOMED, "code": "72705000", "display": "Mother"}
+    ]
+
+
+def test_temporary_and_prior_pending_locations() -> None:
+    pv2 = seg("PV2", f1="6N^601^C^GHH")
+    result = run("A02", PID, pv1(f3="5W^501^A^GHH", f6="4E^401^B^GHH", f11="XR^1^^GHH"), pv2)
+    enc = one(result, "Encounter")
+    assert [(x["status"], get(result, x["location"]["reference"])["name"]) for x in
+            enc["location"]] == [
+        ("active", "5W 501 A"),
+        ("completed", "4E 401 B"),
+        ("active", "XR 1"),
+        ("planned", "6N 601 C"),
+    ]  # fmt: skip
+    assert "PV1-11" not in result.unmapped
+    assert "PV2-1" not in result.unmapped
+
+
+IAM = (
+    "IAM|1|FA^Food allergy^HL70127|12345^Peanut Allergy^L|SV^Severe^HL70128|Hives~Wheezing"
+    "|A^Add/Insert^HL70206|56789^Cona^1.3.6.1.4.1.44750.1.4^ISO||||201805||202010051600+0200"
+    "|Doe^Rosallie|SPO^Spouse^HL70063||C^Confirmed or verified^HL70438"
+    "||||||||||91935009^Allergy to Peanuts^SCT"
+)
+
+
+@pytest.mark.parametrize("version", ["2.5.1", "2.8"])
+def test_iam_adverse_reaction(version: str) -> None:
+    result = run("A60", PID, pv1(), IAM, version=version)
+    allergy = one(result, "AllergyIntolerance")
+    assert allergy["identifier"] == [{"system": "urn:oid:1.3.6.1.4.1.44750.1.4", "value": "56789"}]
+    assert allergy["id"] == uuid5_str("AllergyIntolerance|urn:oid:1.3.6.1.4.1.44750.1.4|56789")
+    assert allergy["clinicalStatus"]["coding"][0]["code"] == "active"
+    assert allergy["verificationStatus"]["coding"] == [
+        {
+            "system": "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification",
+            "code": "confirmed",
+        }
+    ]
+    assert allergy["type"] == "allergy"
+    assert allergy["category"] == ["food"]
+    assert [(c.get("system"), c["code"]) for c in allergy["code"]["coding"]] == [
+        ("urn:hl7bridge:codesystem:L", "12345"),
+        (SNOMED, "91935009"),
+    ]
+    assert allergy["patient"] == {"reference": PATIENT_REF}
+    assert allergy["onsetDateTime"] == "2018-05"
+    assert allergy["recordedDate"] == "2020-10-05T16:00:00+02:00"
+    assert allergy["reaction"] == [
+        {"manifestation": [{"text": "Hives"}, {"text": "Wheezing"}], "severity": "severe"}
+    ]
+    reporter = get(result, allergy["recorder"]["reference"])
+    assert reporter["resourceType"] == "RelatedPerson"
+    assert reporter["name"] == [{"family": "Doe", "given": ["Rosallie"]}]
+    assert reporter["relationship"][0]["coding"][0]["code"] == "SPS"
+    assert reporter["patient"] == {"reference": PATIENT_REF}
+    iam_unmapped = sorted(u for u in result.unmapped if u.startswith("IAM"))
+    assert iam_unmapped == ["IAM-6"]  # the action code has no IG target
+
+
+@pytest.mark.parametrize(
+    ("f14", "f15", "recorder_type"),
+    [("DOE^JANE", "SEL", "Patient"), ("SMITH^ANN", "", "Practitioner")],
+)
+def test_iam_reporter(f14: str, f15: str, recorder_type: str) -> None:
+    iam = seg("IAM", f1="1", f3="70618^Penicillin^RXNORM", f6="A", f14=f14, f15=f15)
+    allergy = one(result := run("A60", PID, iam), "AllergyIntolerance")
+    assert get(result, allergy["recorder"]["reference"])["resourceType"] == recorder_type
+
+
+@pytest.mark.parametrize(
+    ("f17", "clinical", "verification"),
+    [("I", "inactive", "confirmed"), ("U", "active", "unconfirmed"), ("E", None,
+     "entered-in-error"), ("", "active", None)],
+)  # fmt: skip
+def test_iam_clinical_status_from_table_0438(
+    f17: str, clinical: str | None, verification: str | None
+) -> None:
+    iam = seg("IAM", f1="1", f3="70618^Penicillin^RXNORM", f6="A", f12="childhood", f17=f17)
+    allergy = one(run("A60", PID, iam), "AllergyIntolerance")
+    assert allergy.get("clinicalStatus", {}).get("coding", [{}])[0].get("code") == clinical
+    assert allergy.get("verificationStatus", {}).get("coding", [{}])[0].get("code") == (
+        verification
+    )
+    assert allergy["onsetString"] == "childhood"  # IAM-11 is empty
+
+
+# --- the PATIENT group of non-ADT messages (map_patient_group) ---------------------------
+
+
+def run_other(msh9: str, *segments: str) -> Normalized:
+    msh = f"MSH|^~\\&|APP|HOSP|EHR|HOSP|20240101120000+0200||{msh9}|C1|P|2.5.1"
+    msg = parse_message("\r".join((msh, *segments)).encode("utf-8"))
+    result = normalize(msg, event_id=f"evt-{msh9}", source="urn:test")
+    Bundle.model_validate(result.bundle)
+    assert_references_resolve(result.bundle)
+    return result
+
+
+def test_orm_patient_group_nk1_al1_in1_dg1() -> None:
+    result = run_other(
+        "ORM^O01^ORM_O01",
+        PID,
+        seg("NK1", f1="1", f2="DOE^JOHN", f3="SPO"),
+        pv1(),
+        seg("IN1", f1="1", f3="IC-1^^^BCBS", f4="Blue Cross", f16="DOE^JOHN", f17="SPO"),
+        seg("IN2", f6="MEDICARE-1"),
+        seg("AL1", f1="1", f2="DA", f3="70618^Penicillin^RXNORM", f4="MI", f5="Rash"),
+        seg("DG1", f1="1", f3="J45^Asthma^I10", f6="W"),
+        seg("ORC", f1="NW", f2="P-1^EHR", f3="F-1^LAB"),
+        seg("OBR", f1="1", f2="P-1^EHR", f3="F-1^LAB", f4="57698-3^Lipid panel^LN"),
+        seg("DG1", f1="1", f3="E10.9^Diabetes^I10"),
+    )
+    relatives = of_type(result, "RelatedPerson")
+    # The NK1 and the IN1-16 insured (two statements about one person: two resources).
+    assert [(r["name"], r["relationship"][0]["coding"][0]["code"]) for r in relatives] == [
+        ([{"family": "DOE", "given": ["JOHN"]}], "SPS"),
+        ([{"family": "DOE", "given": ["JOHN"]}], "SPS"),
+    ]
+    cov = one(result, "Coverage")
+    assert cov["beneficiary"] == {"reference": PATIENT_REF}
+    subscriber = get(result, cov["subscriber"]["reference"])
+    assert subscriber["resourceType"] == "RelatedPerson"
+    assert subscriber["relationship"][0]["coding"][0]["code"] == "SPS"
+    assert {"type": {"coding": [{"system": V2_0203, "code": "MC"}]}, "value": "MEDICARE-1"} in (
+        cov["identifier"]
+    )
+    allergy = one(result, "AllergyIntolerance")
+    assert allergy["code"]["coding"][0]["code"] == "70618"
+    assert allergy["reaction"] == [{"manifestation": [{"text": "Rash"}], "severity": "mild"}]
+    conditions = of_type(result, "Condition")
+    asthma = [c for c in conditions if c["code"]["coding"][0]["code"] == "J45"]
+    assert len(asthma) == 1  # the patient-level DG1, once
+    encounter = one(result, "Encounter")
+    assert asthma[0]["encounter"] == {"reference": f"urn:uuid:{encounter['id']}"}
+    assert asthma[0]["subject"] == {"reference": PATIENT_REF}
+    assert one(result, "Encounter")["diagnosis"][0]["condition"] == {
+        "reference": f"urn:uuid:{asthma[0]['id']}"
+    }
+    # The DG1 of the order group is the order family's, not mapped a second time here.
+    assert len([c for c in conditions if c["code"]["coding"][0]["code"] == "E10.9"]) == 1
+    assert not [u for u in result.unmapped if u[:3] in ("NK1", "AL1", "IN1", "IN2")]
+
+
+def test_vxu_patient_group_insured_and_next_of_kin() -> None:
+    result = run_other(
+        "VXU^V04^VXU_V04",
+        PID,
+        seg("NK1", f1="1", f2="DOE^MARY", f3="MTH^Mother^HL70063"),
+        pv1(),
+        seg("IN1", f1="1", f3="IC-1^^^BCBS", f4="Blue Cross", f16="DOE^MARY", f17="MTH"),
+        seg("ORC", f1="RE", f3="F-9^IZ"),
+        seg("RXA", f1="0", f2="1", f3="20240101", f5="08^HepB^CVX", f6="0.5", f7="mL^mL^UCUM"),
+    )
+    relatives = of_type(result, "RelatedPerson")
+    assert [r["relationship"][0]["coding"][0]["code"] for r in relatives] == ["MTH", "MTH"]
+    cov = one(result, "Coverage")
+    assert get(result, cov["subscriber"]["reference"])["name"] == [
+        {"family": "DOE", "given": ["MARY"]}
+    ]
+
+
+def test_siu_patient_group_diagnosis() -> None:
+    result = run_other(
+        "SIU^S12^SIU_S12",
+        seg("SCH", f1="A-1^EHR", f2="A-1^SCHED", f7="CHECKUP", f11="^^30^202401101000+0200"),
+        PID,
+        pv1(),
+        seg("DG1", f1="1", f3="64766004^Ulcerative colitis^SCT"),
+        seg("RGS", f1="1"),
+        seg("AIS", f1="1", f3="76164006^Biopsy of colon^SCT"),
+        seg("DG1", f1="2", f3="K51^Ulcerative colitis^I10"),
+    )
+    [cond] = of_type(result, "Condition")
+    assert cond["code"]["coding"][0] == {
+        "system": SNOMED,
+        "code": "64766004",
+        "display": "Ulcerative colitis",
+    }
+    assert cond["subject"] == {"reference": PATIENT_REF}
+    assert "DG1" in result.unmapped  # after RGS: not the patient group's
+
+
+def test_oru_patient_group_stops_at_the_order() -> None:
+    result = run_other(
+        "ORU^R01^ORU_R01",
+        PID,
+        seg("NK1", f1="1", f2="DOE^JOHN", f3="FTH"),
+        seg("OBR", f1="1", f3="F-1^LAB", f4="1234-5^Test^LN"),
+        seg("OBX", f1="1", f2="NM", f3="1234-5^Test^LN", f5="7", f11="F"),
+        seg("AL1", f1="1", f3="70618^Penicillin^RXNORM"),
+    )
+    assert one(result, "RelatedPerson")["relationship"][0]["coding"][0]["code"] == "FTH"
+    assert not of_type(result, "AllergyIntolerance")
+    assert "AL1" in result.unmapped

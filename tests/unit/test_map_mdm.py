@@ -417,6 +417,39 @@ def test_people_dates_orders_and_labels() -> None:
     assert_references_resolve(bundle)
 
 
+@pytest.mark.parametrize("version", ["2.3", "2.5.1", "2.8"])
+def test_order_group_is_a_service_request_the_document_relates_to(version: str) -> None:
+    """ORC/OBR (MDM order group) → ServiceRequest (IG MDM_T02 map, ORC/OBR maps);
+    context.related references it; a TXA-14 number it carries is not repeated."""
+    bundle, unmapped = run(
+        message(
+            "ORC|SC|PL-9^EHR|FI-9^LAB",
+            "OBR|1|PL-9^EHR|FI-9^LAB|02585^Transthoracic echo^PCV4|||20240315080000+0100",
+            "NTE|1||Fasting",
+            txa(f14="PL-9^EHR", f15="OTHER-FILL^LAB"),
+            "OBX|1|TX|R^R||text||||||F",
+            version=version,
+        )
+    )
+    [doc] = resources(bundle, "DocumentReference")
+    [request] = resources(bundle, "ServiceRequest")
+    assert [(i["type"]["coding"][0]["code"], i["value"]) for i in request["identifier"]] == [
+        ("PLAC", "PL-9"),
+        ("FILL", "FI-9"),
+    ]
+    assert request["code"]["coding"][0]["code"] == "02585"
+    assert request["code"]["text"] == "Transthoracic echo"
+    assert (request["status"], request["intent"]) == ("unknown", "order")
+    assert request["note"] == [{"text": "Fasting"}]
+    assert request["subject"] == doc["subject"]
+    related = doc["context"]["related"]
+    assert related[0] == {"reference": f"urn:uuid:{request['id']}"}
+    assert [r["identifier"]["value"] for r in related[1:]] == ["OTHER-FILL"]
+    assert not [u for u in unmapped if u.split("-")[0] in ("ORC", "OBR", "NTE")]
+    assert not resources(bundle, "Observation")  # the document's OBX stay its content
+    assert_references_resolve(bundle)
+
+
 def test_authentication_person_stands_in_for_the_authenticator() -> None:
     bundle, _ = run(
         message(txa(f22="D400^Checker^Cy^^^^^^^^^^^^20240315120000+0100"), "OBX|1|TX|R^R||x|")

@@ -216,6 +216,8 @@ def test_identifiers_requisition_and_based_on() -> None:
     assert "ORC-3" in unmapped
     assert sr["requisition"]["value"] == "G300"
     assert sr["requisition"]["type"]["coding"][0]["code"] == "PGN"
+    # The IG's ORC map also makes ORC-4 an identifier (PGN).
+    assert ident(sr, "PGN") == ["G300"]
     assert sr["basedOn"] == [
         {
             "type": "ServiceRequest",
@@ -736,6 +738,30 @@ def test_pharmacy_orders_are_left_unmapped() -> None:
     assert ident(sr, "PLAC") == ["LAB1"]
     assert {"RXO", "NTE"} <= set(unmapped)
     assert "ORC" in unmapped  # the pharmacy ORC as a whole
+
+
+def test_obx_of_a_non_service_request_order_is_an_observation() -> None:
+    """ORM with ODS detail (dietary order): no ServiceRequest, but its OBX → Observation."""
+    bundle, unmapped = convert(
+        MSH_23,
+        PID,
+        "ORC|NW|D1^CPOE",
+        "ODS|D||DIAB^Diabetic diet^L",
+        "OBX|1|NM|8867-4^Heart rate^LN||72|/min^^UCUM|||||F",
+        "NTE|1||Taken at rest",
+    )
+    assert not resources(bundle, "ServiceRequest")
+    obs = one(bundle, "Observation")
+    assert obs["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "8867-4",
+        "display": "Heart rate",
+    }
+    assert obs["valueQuantity"]["value"] == 72
+    assert obs["status"] == "final"
+    assert obs["note"] == [{"text": "Taken at rest"}]
+    assert "basedOn" not in obs
+    assert "OBX" not in unmapped and "ODS" in unmapped
 
 
 def test_no_pid_still_validates_with_an_absent_subject() -> None:

@@ -1297,3 +1297,49 @@ def test_any_field_content_maps_or_fails_as_a_message_error(
         assert len(value.strip()) < 4 or value not in str(error)
     else:
         orjson.dumps(bundle)
+
+
+# --- ServiceRequest identifiers and requester ------------------------------------------
+
+
+def test_alternate_placer_number_and_ordering_facility() -> None:
+    """OBR-53 → ServiceRequest.identifier (PLAC) only; ORC-12 + ORC-21/22/23 → a
+    PractitionerRole requester (IG ORC[ServiceRequest])."""
+    orc = seg(
+        "ORC",
+        {
+            1: "RE",
+            2: "PL100^EHR",
+            3: "FL200^LIS",
+            4: "PGN-1^EHR",
+            12: "D1^Order^Olga",
+            21: "County Lab^^^^^HOSP",
+            22: "1 Main St^^Springfield^IL^62701^USA",
+            23: "^WPN^PH^^1^217^5550100",
+        },
+    )
+    obr = OBR + "|" * 28 + "APON-53^^^EHR^PLAC"
+    bundle, unmapped = convert(PID, orc, obr, obx(1, "NM", "718-7^Hemoglobin^LN", "13.2"))
+    request = one(bundle, "ServiceRequest")
+    values = {(i["type"]["coding"][0]["code"], i["value"]) for i in request["identifier"]}
+    assert values == {("PLAC", "PL100"), ("FILL", "FL200"), ("PGN", "PGN-1"), ("PLAC", "APON-53")}
+    report = one(bundle, "DiagnosticReport")
+    assert "APON-53" not in {i["value"] for i in report.get("identifier", [])}
+    role = resolve(bundle, request["requester"]["reference"])
+    assert role["resourceType"] == "PractitionerRole"
+    doctor = resolve(bundle, role["practitioner"]["reference"])
+    assert doctor["name"][0]["family"] == "Order"
+    facility = resolve(bundle, role["organization"]["reference"])
+    assert facility["name"] == "County Lab"
+    assert facility["address"][0]["city"] == "Springfield"
+    assert facility["telecom"][0]["use"] == "work"
+    for field in ("OBR-53", "ORC-21", "ORC-22", "ORC-23"):
+        assert field not in unmapped
+
+
+def test_ordering_facility_alone_is_the_requester() -> None:
+    orc = seg("ORC", {1: "RE", 2: "PL100^EHR", 21: "County Lab"})
+    bundle, _ = convert(PID, orc, OBR, obx(1, "NM", "718-7^Hemoglobin^LN", "13.2"), msh=MSH_23)
+    request = one(bundle, "ServiceRequest")
+    organization = resolve(bundle, request["requester"]["reference"])
+    assert (organization["resourceType"], organization["name"]) == ("Organization", "County Lab")

@@ -487,3 +487,95 @@ def test_key_from_cx_list_rules() -> None:
     assert key_from_cx_list(ctx, "A\\T\\1") == "|A&1"
     assert key_from_cx_list(ctx, "") is None
     assert patient_resource_id("BCBS|56789") != patient_resource_id("BCBS|56788")
+
+
+# --- telecom (PID-13/14/40, the IG's XTN[ContactPoint]) --------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(
+    ("pid13", "expected"),
+    [
+        # XTN-12 (unformatted number) is the value when valued, over XTN-1 and XTN-7.
+        ("78788788^^CP^^^^1111^^^^^5552222", {"system": "phone", "value": "5552222",
+                                             "use": "mobile"}),
+        # No XTN-12: the parts 5-8 when XTN-7 (local number) is valued, before XTN-1.
+        ("(270)600-9800^PRN^PH^^1^270^6009800^12",
+         {"system": "phone", "value": "+1 (270) 6009800 x12", "use": "home"}),
+        ("^PRN^PH^^^270^6009800", {"system": "phone", "value": "(270) 6009800",
+                                   "use": "home"}),
+        # Neither XTN-7 nor XTN-12: XTN-1.
+        ("(555)555-1234^WPN^PH", {"system": "phone", "value": "(555)555-1234", "use": "work"}),
+        ("555\\T\\1234", {"system": "phone", "value": "555&1234", "use": "home"}),
+        # An e-mail is XTN-4 (XTN-12 does not apply), else XTN-1.
+        ("^NET^Internet^jane@example.org^^^^^^^^5550000",
+         {"system": "email", "value": "jane@example.org", "use": "home"}),
+        ("89898989^WPN^Internet", {"system": "email", "value": "89898989", "use": "work"}),
+    ],
+)  # fmt: skip
+def test_xtn_value_follows_the_ig(version: str, pid13: str, expected: dict[str, str]) -> None:
+    patient, unmapped = run(pid(f13=pid13), version=version)
+    assert patient["telecom"] == [expected]
+    assert "PID-13" not in unmapped
+
+
+def test_pid40_telecom_v28() -> None:
+    patient, unmapped = run(
+        pid(
+            f13="^PRN^PH^^^270^6009800",
+            f40="^NET^Internet^jane@example.org~^PRN^CP^^^^^^^^^5551234",
+        )
+    )
+    assert patient["telecom"] == [
+        {"system": "phone", "value": "(270) 6009800", "use": "home"},
+        {"system": "email", "value": "jane@example.org"},  # NET says no use
+        {"system": "phone", "value": "5551234", "use": "mobile"},
+    ]
+    assert "PID-40" not in unmapped
+
+
+def test_pid40_repeating_pid13_is_not_duplicated() -> None:
+    patient, _ = run(pid(f13="^PRN^PH^^^^^^^^^5551234", f40="^PRN^PH^^^^^^^^^5551234"))
+    assert patient["telecom"] == [{"system": "phone", "value": "5551234", "use": "home"}]
+
+
+# --- PID-21 → mother RelatedPerson ----------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_pid21_mother_related_person(version: str) -> None:
+    bundle = bundle_of(pid(f21="M-778^^^HOSP^MR~123-45-6789^^^SSA^SS"), version=version)
+    resources = [e["resource"] for e in bundle["entry"]]
+    [patient] = [r for r in resources if r["resourceType"] == "Patient"]
+    [mother] = [r for r in resources if r["resourceType"] == "RelatedPerson"]
+    assert mother["patient"] == {"reference": f"urn:uuid:{patient['id']}"}
+    assert mother["relationship"] == [
+        {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode",
+                    "code": "MTH",
+                    "display": "mother",
+                }
+            ]
+        }
+    ]
+    assert [(x["value"], x["type"]["coding"][0]["code"]) for x in mother["identifier"]] == [
+        ("M-778", "MR"),
+        ("123-45-6789", "SS"),
+    ]
+    assert mother["identifier"][0]["system"] == "urn:hl7bridge:authority:HOSP"
+    # The mother of one patient keeps one id across messages.
+    again = bundle_of(pid(f21="M-778^^^HOSP^MR"), version=version)
+    [same] = [
+        e["resource"] for e in again["entry"] if e["resource"]["resourceType"] == "RelatedPerson"
+    ]
+    assert same["id"] == mother["id"]
+    header = bundle["entry"][0]["resource"]
+    assert {"reference": f"urn:uuid:{mother['id']}"} in header["focus"]
+    assert not [x for x in header.get("extension", []) if x["valueString"] == "PID-21"]
+
+
+def test_pid21_without_an_id_number_makes_no_related_person() -> None:
+    bundle = bundle_of(pid(f21="^^^HOSP^MR"))
+    assert not [e for e in bundle["entry"] if e["resource"]["resourceType"] == "RelatedPerson"]

@@ -470,8 +470,17 @@ def test_comment_order_numbers_and_appointment_type() -> None:
         "display": "A request for a tentative (e.g., penciled in) appointment",
     }
     assert appt["comment"] == "Bring & wear loose clothes"
-    assert [b["identifier"]["value"] for b in appt["basedOn"]] == ["ORD1", "FIL1"]
-    assert all(b["type"] == "ServiceRequest" for b in appt["basedOn"])
+    logical, literal = appt["basedOn"][:2], appt["basedOn"][2:]
+    assert [b["identifier"]["value"] for b in logical] == ["ORD1", "FIL1"]
+    assert all(b["type"] == "ServiceRequest" for b in logical)
+    # AIS → ServiceRequest (IG AIS[ServiceRequest]), referenced literally.
+    [request] = resources(bundle, "ServiceRequest")
+    assert literal == [{"reference": f"urn:uuid:{request['id']}"}]
+    assert request["code"]["coding"][0]["code"] == "X"
+    assert request["identifier"] == [
+        {"value": "X", "system": request["code"]["coding"][0]["system"]}
+    ]
+    assert (request["status"], request["intent"]) == ("active", "order")
     assert not [u for u in unmapped if u in CORE_SEGMENTS]
 
 
@@ -554,3 +563,56 @@ def test_siu_s12_01_agrees_with_microsoft() -> None:
     assert by_ref(bundle, ours["Practitioner"]["actor"])["identifier"][0]["value"] == "1210"
     assert by_ref(bundle, ours["Device"]["actor"])["identifier"][0]["value"] == "5001"
     assert by_ref(bundle, ours["Location"]["actor"])["name"].startswith("055")
+
+
+@pytest.mark.parametrize(
+    ("event", "request_status"),
+    [("S12", "active"), ("S15", "revoked"), ("S17", "entered-in-error"), ("S26", "revoked")],
+)
+def test_ais_service_request_per_service_follows_the_appointment(
+    event: str, request_status: str
+) -> None:
+    """AIS → ServiceRequest (IG AIS[ServiceRequest]): one per service, AIS-4 and its
+    duration → occurrencePeriod, referenced by Appointment.basedOn; a deleted AIS has none."""
+    bundle, _ = run(
+        timed(
+            "AIS|1|A|76164006^Biopsy of colon^SCT|20240315090000+0100|||45|min",
+            "AIS|2|D|42272-5^XR chest^LN",
+            "AIS|3||58410-2^CBC^LN",
+            event=event,
+        )
+    )
+    [appt] = resources(bundle, "Appointment")
+    requests = resources(bundle, "ServiceRequest")
+    assert [r["code"]["coding"][0]["code"] for r in requests] == ["76164006", "58410-2"]
+    assert appt["basedOn"] == [{"reference": f"urn:uuid:{r['id']}"} for r in requests]
+    biopsy = requests[0]
+    assert biopsy["identifier"] == [{"value": "76164006", "system": "http://snomed.info/sct"}]
+    assert biopsy["occurrencePeriod"] == {
+        "start": "2024-03-15T09:00:00+01:00",
+        "end": "2024-03-15T09:45:00+01:00",
+    }
+    assert {r["status"] for r in requests} == {request_status}
+    assert {r["intent"] for r in requests} == {"order"}
+    [patient] = resources(bundle, "Patient")
+    assert {r["subject"]["reference"] for r in requests} == {f"urn:uuid:{patient['id']}"}
+    assert_references_resolve(bundle)
+
+
+def test_patient_group_obx_is_an_observation() -> None:
+    bundle, unmapped = run(
+        message(
+            sch(),
+            "TQ1|1||||||20240315090000+0100|20240315094500+0100",
+            PID,
+            "OBX|1|NM|8867-4^Heart rate^LN||72|/min^^UCUM|60-120||||F",
+            "RGS|1",
+            "AIL|1||CLINIC^101^A",
+        )
+    )
+    [obs] = resources(bundle, "Observation")
+    assert obs["code"]["coding"][0]["code"] == "8867-4"
+    assert obs["valueQuantity"]["value"] == 72
+    assert obs["subject"]["reference"].startswith("urn:uuid:")
+    assert "OBX" not in unmapped
+    assert_references_resolve(bundle)

@@ -2,14 +2,15 @@
 Coverage, Observation and Provenance; patient merges (A40 …) → ``Patient.link``.
 
 Follows the v2-to-FHIR IG's segment maps (PV1/PV2[Encounter], NK1[RelatedPerson],
-AL1[AllergyIntolerance], DG1[Condition], PR1[Procedure], IN1[Coverage],
+AL1[AllergyIntolerance], IAM[AllergyIntolerance], DG1[Condition], PR1[Procedure], IN1[Coverage],
 EVN[Provenance]) and its ConceptMaps for tables 0004, 0063, 0127, 0128 and 0217.
 The Patient itself (PID, PD1) is :mod:`bridge.normalize.patient`.
 
 The message is walked in order: a PID starts a patient group (A40, A41 and A47
 repeat PID/MRG, A45 repeats MRG/PV1), and the segments after it belong to that
 patient and to the visit of the last PV1. ``ctx.encounter_ref`` is the first
-visit's Encounter.
+visit's Encounter. The other families' messages carry the same patient-level
+segments in their PATIENT group: :func:`map_patient_group` maps them there.
 
 Encounter.status
     The trigger event says it where the event is a state change: A01, A02, A04,
@@ -32,7 +33,7 @@ Condition (DG1-20), Procedure (PR1-19): their identifiers. Coverage: patient,
 payor and policy number. Otherwise ids are scoped to the event.
 
 Not mapped (reported in ``unmapped``): GT1, ROL, ACC, ARV, DB1, PDA, RF1, UB1,
-UB2, IAM, NTE, PRT; PV1-11 (temporary location), PV1-20…35, PV1-39…41,
+UB2, NTE, PRT; PV1-20…35, PV1-39…41,
 PV1-46…49, PV1-51, PV1-53/54; most of PV2, IN1 and IN2; MRG-3 (accounts are not
 mapped, PID-18 neither); MRG-1 of an event that is not a patient merge when it
 names another patient than PID-3.
@@ -71,6 +72,9 @@ DIAGNOSIS_ROLE: Final = "http://terminology.hl7.org/CodeSystem/diagnosis-role"
 CONDITION_CATEGORY: Final = "http://terminology.hl7.org/CodeSystem/condition-category"
 CONDITION_VER_STATUS: Final = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 ALLERGY_CLINICAL: Final = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
+ALLERGY_VERIFICATION: Final = (
+    "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
+)
 COVERAGE_CLASS: Final = "http://terminology.hl7.org/CodeSystem/coverage-class"
 SUBSCRIBER_RELATIONSHIP: Final = "http://terminology.hl7.org/CodeSystem/subscriber-relationship"
 PROVENANCE_AGENT_TYPE: Final = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
@@ -243,6 +247,19 @@ ALLERGY_CRITICALITY: Final[dict[str, str]] = {
     "MI": "low",
     "U": "unable-to-assess",
 }
+#: Table 0438 (allergy clinical status) → (clinicalStatus, verificationStatus). The
+#: IG maps IAM-17 to clinicalStatus as a CodeableConcept, but R4 binds clinicalStatus
+#: (required) to allergyintolerance-clinical, which 0438's codes are not: they say
+#: how certain the allergy is (verification), and I (inactive) its clinical status.
+ALLERGY_STATUS_0438: Final[dict[str, tuple[str, str]]] = {
+    "C": ("active", "confirmed"),
+    "I": ("inactive", "confirmed"),
+    "U": ("active", "unconfirmed"),
+    "P": ("active", "unconfirmed"),
+    "S": ("active", "unconfirmed"),
+    "D": ("active", "unconfirmed"),
+    "E": ("", "entered-in-error"),
+}
 #: Table 0128 → reaction.severity (IG ConceptMap table-hl70128-to-reaction-event-severity).
 REACTION_SEVERITY: Final[dict[str, str]] = {"SV": "severe", "MO": "moderate", "MI": "mild"}
 
@@ -302,19 +319,8 @@ def map_adt(ctx: MappingContext) -> None:
                 _visit_details(ctx, group.encounter, seg)
         elif group.patient_ref is None:
             continue  # the resources below all need a subject
-        elif name == "NK1":
-            _related_person(ctx, group, seg)
-        elif name == "AL1":
-            _allergy(ctx, group, seg)
-        elif name == "DG1":
-            _condition(ctx, group, seg)
-        elif name == "PR1":
-            _procedure(ctx, group, seg)
-        elif name == "IN1":
-            _coverage(ctx, group, seg)
-        elif name == "IN2":
-            if group.coverage is not None:
-                _coverage_details(ctx, group.coverage, seg)
+        elif name in _PATIENT_LEVEL:
+            _patient_segment(ctx, group, seg)
         elif name == "OBX" and group.primary:
             encounter = group.encounter["id"] if group.encounter else None
             observation_from_obx(
@@ -323,6 +329,66 @@ def map_adt(ctx: MappingContext) -> None:
     evn = ctx.first("EVN")
     if evn is not None:
         _provenance(ctx, evn, event, targets)
+
+
+#: The patient-level segments (NK1, AL1, IAM, DG1, PR1, IN1/IN2) of a patient group.
+_PATIENT_LEVEL: Final = frozenset({"NK1", "AL1", "IAM", "DG1", "PR1", "IN1", "IN2"})
+#: Segments that end the PATIENT group of a non-ADT message: the start of the
+#: family's own part (orders, results, vaccinations, documents, schedules) or the
+#: next patient.
+_PATIENT_GROUP_END: Final = frozenset(
+    {
+        "PID", "ORC", "OBR", "RXA", "RXO", "RXE", "RXD", "RXG", "TXA", "SCH", "RGS",
+        "AIS", "AIG", "AIL", "AIP", "SPM", "MRG",
+    }
+)  # fmt: skip
+
+
+def _patient_segment(ctx: MappingContext, group: _Group, seg: Segment) -> None:
+    """One patient-level segment (:data:`_PATIENT_LEVEL`) of ``group``."""
+    name = seg.name
+    if name == "NK1":
+        _related_person(ctx, group, seg)
+    elif name == "AL1":
+        _allergy(ctx, group, seg)
+    elif name == "IAM":
+        _adverse_reaction(ctx, group, seg)
+    elif name == "DG1":
+        _condition(ctx, group, seg)
+    elif name == "PR1":
+        _procedure(ctx, group, seg)
+    elif name == "IN1":
+        _coverage(ctx, group, seg)
+    elif name == "IN2" and group.coverage is not None:
+        _coverage_details(ctx, group.coverage, seg)
+
+
+def map_patient_group(ctx: MappingContext) -> None:
+    """The PATIENT group of a non-ADT message (ORM/OML, ORU, VXU, MDM, SIU): the NK1,
+    AL1, IAM, DG1, PR1 and IN1/IN2 after the first PID, up to the first segment of
+    the family's own part (ORC, OBR, RXA, TXA, SCH, RGS/AIx ...), mapped as ADT maps
+    them. A DG1 inside an order group is the order family's (a reason), not this.
+    Called after the visit (PV1/PV2) is mapped, so a diagnosis joins its Encounter."""
+    pid = ctx.first("PID")
+    if pid is None or ctx.patient_ref is None:
+        return
+    encounter_ref = ctx.encounter_ref
+    group = _Group(
+        event="",
+        patient_ref=ctx.patient_ref,
+        patient_key=None,
+        primary=True,
+        encounter=ctx.get(encounter_ref) if encounter_ref else None,
+        encounter_ref=encounter_ref,
+    )
+    segments = ctx.segments
+    for i in range(pid.index + 1, len(segments)):
+        seg = segments[i]
+        name = seg.name
+        if name in _PATIENT_GROUP_END:
+            break
+        if name in _PATIENT_LEVEL:
+            _patient_segment(ctx, group, seg)
 
 
 def _event_code(ctx: MappingContext) -> str:
@@ -477,14 +543,15 @@ def _hospitalization(ctx: MappingContext, pv1: Segment) -> dict[str, Any]:
 
 
 def _locations(ctx: MappingContext, pv1: Segment, event: str, status: str) -> list[dict[str, Any]]:
-    """PV1-3 (current), PV1-6 (prior), PV1-42 (pending), PV1-43 (prior temporary)."""
+    """PV1-3 (current), PV1-6 (prior), PV1-11 (temporary), PV1-42 (pending), PV1-43
+    (prior temporary); PV2-1 (prior pending) is added by :func:`_visit_details`."""
     if status == "planned" or dt.code(pv1.value(2)).upper() == "P":
         current = "planned"
     elif status in ("finished", "cancelled"):
         current = "completed"
     else:
         current = "active"
-    fields = [(3, current), (42, "planned"), (43, "completed")]
+    fields = [(3, current), (11, "active"), (42, "planned"), (43, "completed")]
     if event != "A12":  # A12's prior location is the transfer being cancelled
         fields.insert(1, (6, "completed"))
     out = []
@@ -512,6 +579,11 @@ def _discharge_location(ctx: MappingContext, c: Components) -> str | None:
 
 def _visit_details(ctx: MappingContext, enc: dict[str, Any], pv2: Segment) -> None:
     """PV2 → the Encounter of the PV1 before it."""
+    prior_pending = dt.location(ctx, pv2.comps(1))
+    if prior_pending:  # IG PV2[Encounter]: PV2-1 → location, status "planned"
+        enc.setdefault("location", []).append(
+            {"location": {"reference": prior_pending}, "status": "planned"}
+        )
     reason = dt.codeable_concept(ctx, pv2.comps(3))
     if reason:
         enc["reasonCode"] = [reason]
@@ -648,26 +720,46 @@ def _related_person(ctx: MappingContext, group: _Group, nk1: Segment) -> None:
 
 
 def _relationship(ctx: MappingContext, c: Components) -> dict[str, Any] | None:
-    """Table 0063 (NK1-3, IN1-17) → RoleCode / v2-0131 / v2-0063 (the IG's ConceptMap)."""
-    code = c.text(1).upper()
-    if c.text(3).upper() not in ("", "HL70063"):
-        return dt.codeable_concept(ctx, c)
-    coding: dict[str, Any] | None = None
-    if code in ROLE_CODE:
-        value, display = ROLE_CODE[code]
-        coding = {"system": V3_ROLE_CODE, "code": value, "display": display}
-    elif code in CONTACT_ROLE or code in _RELATIONSHIP_TO_0131:
-        value = _RELATIONSHIP_TO_0131.get(code, code)
-        coding = {"system": V2_0131, "code": value, "display": CONTACT_ROLE[value]}
-    elif code in TABLE_0063_OTHER:
-        coding = {"system": V2_0063, "code": code}
-    if coding is None:
-        return dt.codeable_concept(ctx, c)
-    out: dict[str, Any] = {"coding": [coding]}
-    text = c.text(9) or c.text(2)
+    """Table 0063 (NK1-3, IN1-17) → RoleCode / v2-0131 / v2-0063 (the IG's ConceptMap
+    table-hl70063-to-v3-rolecode), for the primary (1-3) and the alternate (4-6) code.
+
+    A code of a local coding system (not a standard one of table 0396) is still a
+    table 0063 value, the field's table, and is translated when the map has it."""
+    t = c.texts(9)
+    codings: list[dict[str, Any]] = []
+    for first in (0, 3):
+        value = t[first]
+        if not value:
+            continue
+        system_name = t[first + 2].upper()
+        coding = None
+        if system_name in ("", "HL70063") or system_name not in dt.CODE_SYSTEMS:
+            coding = _relationship_coding(value.upper())
+        if coding is None:
+            coding = dt.coding(value, t[first + 1], dt.code_system(t[first + 2]))
+        if coding is not None and "code" in coding and coding not in codings:
+            codings.append(coding)
+    text = t[8] or t[1]
+    if not codings and not text:
+        return None
+    out: dict[str, Any] = {}
+    if codings:
+        out["coding"] = codings
     if text:
         out["text"] = text
     return out
+
+
+def _relationship_coding(code: str) -> dict[str, Any] | None:
+    if code in ROLE_CODE:
+        value, display = ROLE_CODE[code]
+        return {"system": V3_ROLE_CODE, "code": value, "display": display}
+    if code in CONTACT_ROLE or code in _RELATIONSHIP_TO_0131:
+        value = _RELATIONSHIP_TO_0131.get(code, code)
+        return {"system": V2_0131, "code": value, "display": CONTACT_ROLE[value]}
+    if code in TABLE_0063_OTHER:
+        return {"system": V2_0063, "code": code}
+    return None
 
 
 def _contact_role(ctx: MappingContext, c: Components) -> dict[str, Any] | None:
@@ -725,6 +817,105 @@ def _allergy(ctx: MappingContext, group: _Group, al1: Segment) -> None:
             reaction["severity"] = REACTION_SEVERITY[severity]
         allergy["reaction"] = [reaction]
     ctx.add(allergy)
+
+
+def _adverse_reaction(ctx: MappingContext, group: _Group, iam: Segment) -> None:
+    """IAM → AllergyIntolerance (the IG's IAM[AllergyIntolerance] map).
+
+    IAM-2 type/category and IAM-3 code as AL1; IAM-27 (clinician identified code)
+    adds codings; IAM-4 severity → reaction.severity and IAM-5 → manifestation;
+    IAM-7 → identifier (and the id); IAM-11 onset, else IAM-12 onsetString;
+    IAM-13 → recordedDate; IAM-14/15 reported by → recorder (a RelatedPerson
+    when IAM-15 is valued and not SEL, the Patient for SEL, else a Practitioner);
+    IAM-17 (table 0438) → verificationStatus/clinicalStatus. IAM-6 (action code),
+    IAM-8/9/10/16 and IAM-18…26 have no IG target and are left unread.
+    """
+    iam.consume(1)  # set id
+    ident = dt.entity_identifier(ctx, iam.comps(7))
+    allergen = dt.codeable_concept(ctx, iam.comps(3))
+    clinician = dt.codeable_concept(ctx, iam.comps(27)) if iam.present(27) else None
+    if ident is not None:
+        allergy_id = uuid5_str(f"AllergyIntolerance|{ident.get('system', '')}|{ident['value']}")
+        if ctx.has_id(allergy_id):
+            allergy_id = ctx.resource_id(f"AllergyIntolerance/{iam.index}")
+    else:
+        allergy_id = ctx.resource_id(f"AllergyIntolerance/{iam.index}")
+    allergy: dict[str, Any] = {"resourceType": "AllergyIntolerance", "id": allergy_id}
+    if ident is not None:
+        allergy["identifier"] = [ident]
+    status = dt.code(iam.comps(17).text(1)).upper() if iam.present(17) else ""
+    clinical, verification = ALLERGY_STATUS_0438.get(status, ("active", ""))
+    if clinical:
+        allergy["clinicalStatus"] = {"coding": [{"system": ALLERGY_CLINICAL, "code": clinical}]}
+    if verification:
+        allergy["verificationStatus"] = {
+            "coding": [{"system": ALLERGY_VERIFICATION, "code": verification}]
+        }
+    kind = dt.code(iam.comps(2).text(1)).upper()
+    if kind in ALLERGY_TYPES:
+        allergy["type"] = "allergy"
+    if kind in ALLERGY_CATEGORY:
+        allergy["category"] = [ALLERGY_CATEGORY[kind]]
+    if clinician:
+        if allergen is None:
+            allergen = clinician
+        else:
+            extra = [x for x in clinician.get("coding", []) if x not in allergen.get("coding", [])]
+            if extra:
+                allergen.setdefault("coding", []).extend(extra)
+    if allergen:
+        allergy["code"] = allergen
+    allergy["patient"] = {"reference": group.patient_ref}
+    onset = dt.date_time(iam.value(11), "IAM-11")
+    if onset:
+        allergy["onsetDateTime"] = onset
+    elif iam.present(12):
+        allergy["onsetString"] = iam.value(12)
+    recorded = dt.date_time(iam.value(13), "IAM-13")
+    if recorded:
+        allergy["recordedDate"] = recorded
+    recorder = _reported_by(ctx, group, iam)
+    if recorder:
+        allergy["recorder"] = {"reference": recorder}
+    manifestations = [{"text": t} for c in iam.each(5) if (t := _plain_text(c))]
+    if manifestations:
+        reaction: dict[str, Any] = {"manifestation": manifestations}
+        severity = dt.code(iam.comps(4).text(1)).upper()
+        if severity in REACTION_SEVERITY:
+            reaction["severity"] = REACTION_SEVERITY[severity]
+        allergy["reaction"] = [reaction]
+    ctx.add(allergy)
+
+
+def _reported_by(ctx: MappingContext, group: _Group, iam: Segment) -> str | None:
+    """IAM-14 (XPN) with IAM-15 (table 0063) → the allergy's recorder (IG IAM map)."""
+    if not iam.present(14):
+        return None
+    name = dt.human_name(iam.comps(14))
+    relation = iam.comps(15)
+    code = relation.text(1).upper()
+    if code == "SEL":
+        return group.patient_ref
+    if name is None:
+        return None
+    if not code:
+        return ctx.add(
+            {
+                "resourceType": "Practitioner",
+                "id": ctx.resource_id(f"Practitioner/IAM/{iam.index}"),
+                "name": [name],
+            }
+        )
+    person: dict[str, Any] = {
+        "resourceType": "RelatedPerson",
+        "id": ctx.resource_id(f"RelatedPerson/IAM/{iam.index}"),
+        "patient": {"reference": group.patient_ref},
+    }
+    relationship = _relationship(ctx, relation)
+    if relationship:
+        person["relationship"] = [relationship]
+    person["name"] = [name]
+    return ctx.add(person)
 
 
 def _plain_text(c: Components) -> str:

@@ -44,8 +44,12 @@ Not carried (reported in ``unmapped`` when present): TXA-7 transcription time,
 TXA-8 edit times, TXA-11 transcriptionist, TXA-20 storage status, TXA-21 change
 reason, TXA-23 distributed copies, TXA-24 folder, TXA-26 due date, TXA-27
 creating facility; OBX-11 result status and the other OBX fields the IG leaves
-unmapped; the order group (ORC/OBR/TQ1), PV1, EVN and CON, which belong to the
-shared order, encounter, provenance and consent maps.
+unmapped; PV1, EVN and CON, which belong to the shared encounter, provenance and
+consent maps.
+
+ORC/OBR (the order group, with its TQ1 and NTE) → ServiceRequest through the
+orders family's ORC/OBR map (IG MDM_T02 message map); the DocumentReference's
+``context.related`` references it.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from bridge.errors import DataTypeError, RequiredFieldMissing, TableValueNotFoun
 from bridge.normalize import datatypes as dt
 from bridge.normalize.bundle import register
 from bridge.normalize.context import Components, MappingContext, Segment
+from bridge.normalize.families.orders import OrderGroup, service_request
 from bridge.normalize.ids import uuid5_str
 
 V2_0270: Final = "http://terminology.hl7.org/CodeSystem/v2-0270"
@@ -229,10 +234,11 @@ def map_mdm(ctx: MappingContext) -> None:
     if label is not None:
         doc["securityLabel"] = [label]
 
+    orders = [service_request(ctx, g, n) for n, g in enumerate(_order_groups(ctx))]
     related: list[dict[str, Any]] = []
     doc["content"] = _content(ctx, txa, doc, creation, related)
 
-    context = _context(ctx, txa, related)
+    context = _context(ctx, txa, related, orders)
     if context:
         doc["context"] = context
     ctx.add(doc)
@@ -311,7 +317,35 @@ def _security_label(value: str) -> dict[str, Any] | None:
     }
 
 
-def _context(ctx: MappingContext, txa: Segment, related: list[dict[str, Any]]) -> dict[str, Any]:
+def _order_groups(ctx: MappingContext) -> list[OrderGroup]:
+    """The MDM order group(s) before the TXA: ORC [{TQ1}] [OBR [{NTE}]]."""
+    groups: list[OrderGroup] = []
+    current: OrderGroup | None = None
+    for seg in ctx.segments:
+        name = seg.name
+        if name == "TXA":
+            break
+        if name == "ORC":
+            current = OrderGroup(seg)
+            groups.append(current)
+        elif name == "OBR":
+            if current is not None and current.obr is None:
+                current.obr = seg
+            else:
+                current = OrderGroup(None, obr=seg)
+                groups.append(current)
+        elif current is None:
+            continue
+        elif name == "TQ1":
+            current.timing.append(seg)
+        elif name == "NTE":
+            current.notes.append(seg)
+    return groups
+
+
+def _context(
+    ctx: MappingContext, txa: Segment, related: list[dict[str, Any]], orders: list[str]
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if ctx.encounter_ref:
         out["encounter"] = [{"reference": ctx.encounter_ref}]
@@ -321,15 +355,21 @@ def _context(ctx: MappingContext, txa: Segment, related: list[dict[str, Any]]) -
     setting = dt.codeable_concept(ctx, txa.comps(28))
     if setting is not None:
         out["practiceSetting"] = setting
-    orders: list[dict[str, Any]] = []
-    for c in txa.each(14):
-        ident = dt.entity_identifier(ctx, c, "PLAC")
-        if ident is not None:
-            orders.append({"type": "ServiceRequest", "identifier": ident})
-    filler = dt.entity_identifier(ctx, txa.comps(15), "FILL")
-    if filler is not None:
-        orders.append({"type": "ServiceRequest", "identifier": filler})
-    related = orders + related
+    # The order group's ServiceRequests (literal references); TXA-14/15 numbers that
+    # none of them carries stay logical references by identifier.
+    known = {
+        (i.get("system"), i["value"])
+        for ref in orders
+        if (sr := ctx.get(ref)) is not None
+        for i in sr.get("identifier", ())
+    }
+    links: list[dict[str, Any]] = [{"reference": ref} for ref in orders]
+    numbers = [dt.entity_identifier(ctx, c, "PLAC") for c in txa.each(14)]
+    numbers.append(dt.entity_identifier(ctx, txa.comps(15), "FILL"))
+    for ident in numbers:
+        if ident is not None and (ident.get("system"), ident["value"]) not in known:
+            links.append({"type": "ServiceRequest", "identifier": ident})
+    related = links + related
     if related:
         out["related"] = related
     return out

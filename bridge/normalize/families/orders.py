@@ -18,7 +18,8 @@ Field map (v2 → ServiceRequest):
 * OBR-2, else ORC-2 → identifier (PLAC); OBR-3, else ORC-3 → identifier (FILL) (an
   ORC number that differs from the OBR's stays in ``unmapped``). OBR-53, else
   ORC-33 → identifier (PLAC).
-* ORC-4 → requisition (PGN); in v2.8.2, where ORC-4 is an EIP, its filler part →
+* ORC-4 → identifier (PGN; the IG's ORC map) and requisition (R4's element for the
+  placer group number); in v2.8.2, where ORC-4 is an EIP, its filler part →
   identifier (FGN).
 * ORC-5 → status (table 0038); ORC-1 → status when ORC-5 is empty or unmapped
   (table 0119); neither → ``unknown``. intent ``order``, ``reflex-order`` when
@@ -252,10 +253,15 @@ def order_groups(ctx: MappingContext) -> list[OrderGroup]:
 
 @register("ORM", "OML")
 def map_orders(ctx: MappingContext) -> None:
-    """Every OBR (or bare ORC) order of an ORM/OML message → ServiceRequest."""
+    """Every OBR (or bare ORC) order of an ORM/OML message → ServiceRequest; the OBX
+    of an order whose detail is not a ServiceRequest (RXO, ODS...) → Observation."""
     for ordinal, group in enumerate(order_groups(ctx)):
         if not group.other_detail:
             service_request(ctx, group, ordinal)
+        else:
+            prefix = f"{ctx.event_id}|order/{ordinal}"
+            for obx, notes, _spm in group.observations:
+                observation_from_obx(ctx, obx, key_prefix=prefix, notes=notes)
 
 
 def service_request(ctx: MappingContext, group: OrderGroup, ordinal: int) -> str:
@@ -271,9 +277,10 @@ def service_request(ctx: MappingContext, group: OrderGroup, ordinal: int) -> str
     identifiers += _alternate_placer(ctx, obr, 53) or _alternate_placer(ctx, orc, 33)
     requisition = None
     if orc is not None and orc.present(4):
+        # The IG's ORC map makes ORC-4 an identifier (PGN); R4's requisition is the
+        # element for a placer group number: both carry it.
         requisition, filler_group = _placer_group(ctx, orc)
-        if filler_group is not None:
-            identifiers.append(filler_group)
+        identifiers += [dict(x) for x in (requisition, filler_group) if x is not None]
     if identifiers:
         sr["identifier"] = identifiers
     based_on = _based_on(ctx, orc, 8) + _based_on(ctx, obr, 29) + _based_on(ctx, obr, 54)

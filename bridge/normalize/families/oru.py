@@ -11,7 +11,10 @@ Groups, read in message order::
 * OBX before any OBR (PATIENT_OBSERVATION, and the v2.8 ORDER_DOCUMENT OBX
   between ORC and OBR) → an Observation of the patient, in no report.
 * Each OBR → one DiagnosticReport and the ServiceRequest it is ``basedOn``
-  (identifiers ORC-2/OBR-2 PLAC, ORC-3/OBR-3 FILL, ORC-4 PGN). Its OBX →
+  (identifiers ORC-2/OBR-2 PLAC, ORC-3/OBR-3 FILL, ORC-4 PGN; OBR-53 alternate
+  placer numbers PLAC on the ServiceRequest only; requester ORC-12/OBR-16, with
+  ORC-21/22/23 the ordering facility: a PractitionerRole of both, or the
+  Organization alone, per the IG's ORC map). Its OBX →
   ``result`` (OBX-29 QST/SCI → ``ServiceRequest.supportingInfo`` instead, per
   the IG); NTE right after the OBR → the R5 ``DiagnosticReport.note`` through
   the cross-version extension (R4 has no report note and the IG leaves this
@@ -1217,8 +1220,14 @@ def _map_order(ctx: MappingContext, group: _OrderGroup, n: int) -> None:
         report["extension"] = [{"url": REPORT_NOTE_EXT, "valueAnnotation": x} for x in report_notes]
 
     # --- ServiceRequest (the order the report answers) ---
-    if identifiers:
-        request["identifier"] = identifiers
+    # OBR-53 alternate placer order numbers (CX): identifiers of the order only.
+    alternates = (
+        [x for c in obr.each(53) if (x := dt.identifier(ctx, c))] if obr.present(53) else []
+    )
+    for x in alternates:
+        x.setdefault("type", {"coding": [{"system": dt.V2_0203, "code": "PLAC"}]})
+    if identifiers or alternates:
+        request["identifier"] = identifiers + alternates
     # Codes with no FHIR equivalent are left unread, so ``unmapped`` reports them.
     order_status = _ORDER_STATUS.get(_peek(ctx, orc, 5).upper()) if orc is not None else None
     if order_status and orc is not None:
@@ -1366,12 +1375,40 @@ def _ndl_practitioner(ctx: MappingContext, c: Components) -> str | None:
 
 
 def _requester(ctx: MappingContext, orc: Segment | None, obr: Segment) -> str | None:
-    """ORC-12 ordering provider, else OBR-16 (IG OBR[ServiceRequest])."""
+    """ORC-12 ordering provider, else OBR-16 (IG OBR[ServiceRequest]); with ORC-21
+    ordering facility (ORC-22 address, ORC-23 phone) the requester is the
+    PractitionerRole joining both, or the Organization alone (IG ORC[ServiceRequest])."""
     if orc is not None and orc.present(12):
         if obr.present(16) and obr.fields[16] == orc.fields[12]:
             obr.consume(16)  # the same provider, carried by ORC-12
-        return _practitioner(ctx, _first_rep(ctx, orc, 12))
-    return _practitioner(ctx, _first_rep(ctx, obr, 16))
+        practitioner = _practitioner(ctx, _first_rep(ctx, orc, 12))
+    else:
+        practitioner = _practitioner(ctx, _first_rep(ctx, obr, 16))
+    if orc is None or not orc.present(21):
+        return practitioner
+    organization = dt.organization(ctx, orc.comps(21))
+    found = ctx.get(organization) if organization else None
+    if found is not None:
+        addresses = [a for c in orc.each(22) if (a := dt.address(c))]
+        telecom = [t for c in orc.each(23) if (t := dt.contact_point(c, "work"))]
+        if addresses:
+            found.setdefault("address", addresses)
+        if telecom:
+            found.setdefault("telecom", telecom)
+    if organization is None or practitioner is None:
+        return practitioner or organization
+    role_id = uuid5_str(
+        f"PractitionerRole|{practitioner.removeprefix('urn:uuid:')}|"
+        f"{organization.removeprefix('urn:uuid:')}"
+    )
+    return ctx.add(
+        {
+            "resourceType": "PractitionerRole",
+            "id": role_id,
+            "practitioner": {"reference": practitioner},
+            "organization": {"reference": organization},
+        }
+    )
 
 
 # --- Specimen --------------------------------------------------------------------------

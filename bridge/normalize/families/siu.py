@@ -19,7 +19,9 @@ SCH → Appointment
     ``status``; SCH-26/SCH-27 order numbers → ``basedOn`` (logical references to
     the ServiceRequest).
 TQ1 after SCH (v2.6+) → ``start`` (TQ1-7), ``end`` (TQ1-8), duration (TQ1-13).
-AIS → ``serviceType`` (AIS-3); the first AIS start (AIS-4) and duration
+AIS → ``serviceType`` (AIS-3), and a ServiceRequest per AIS (IG AIS[ServiceRequest]:
+    AIS-3 → ``code`` and ``identifier``, AIS-4 + duration → ``occurrencePeriod``)
+    that ``basedOn`` references; the first AIS start (AIS-4) and duration
     (AIS-7/AIS-8) stand in when the SCH group gives no time; AIS-10 filler
     status when SCH-25 is empty; AIS-2 ``D`` (deleted) leaves the service out.
 AIG/AIL/AIP → ``participant``: AIG-3 a Device, AIL-3 a Location (AIL-4 its
@@ -45,8 +47,8 @@ Not carried (reported in ``unmapped`` when present): SCH-3/4/5, SCH-6 outside
 cancellations, SCH-15/19/22 contact locations, SCH-23/24 parent appointment
 ids, the other TQ1 fields (priority TQ1-9 has no R4 equivalent), RGS-2/3, AIx
 resource groups, quantities and substitution codes, AIS-11/12 supplemental
-information, NTE-2/4/5/6; the PATIENT group's PV1, PV2, OBX and DG1 belong to
-the shared encounter, observation and condition maps.
+information, NTE-2/4/5/6; the PATIENT group's PV1, PV2 and DG1 belong to
+the shared encounter and condition maps. OBX → Observation (oru.observation_from_obx).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ from bridge.errors import DataTypeError, RequiredFieldMissing
 from bridge.normalize import datatypes as dt
 from bridge.normalize.bundle import register
 from bridge.normalize.context import Components, MappingContext, Segment
+from bridge.normalize.families.orders import subject_reference
+from bridge.normalize.families.oru import observation_from_obx
 from bridge.normalize.ids import uuid5_str
 
 V2_0276: Final = "http://terminology.hl7.org/CodeSystem/v2-0276"
@@ -124,6 +128,17 @@ EVENT_STATUS: Final[dict[str, str]] = {
 }
 #: Events about an appointment that exists (booked unless SCH-25/AIS-10 say otherwise).
 _BOOKED_EVENTS: Final = frozenset({"S12", "S13", "S14", "S18", "S19", "S20", "S21", "S22"})
+#: Appointment.status → the status of the ServiceRequest it is booked for: a cancelled
+#: or missed appointment revokes the request, a deleted one was entered in error.
+_REQUEST_STATUS: Final[dict[str, str]] = {
+    "cancelled": "revoked",
+    "noshow": "revoked",
+    "entered-in-error": "entered-in-error",
+    "fulfilled": "completed",
+    "proposed": "draft",
+    "pending": "draft",
+    "waitlist": "draft",
+}
 _ENDED_STATUS: Final = frozenset({"cancelled", "noshow", "entered-in-error"})
 _UNCONFIRMED_STATUS: Final = frozenset({"proposed", "pending", "waitlist"})
 
@@ -184,7 +199,7 @@ def map_siu(ctx: MappingContext) -> None:
     if identifiers:
         appt["identifier"] = identifiers
 
-    services, service_status, timing = _services(ctx, sch)
+    services, service_status, timing, ais_services = _services(ctx, sch)
     status = _status(sch, event, service_status)
     appt["status"] = status
     if status in _ENDED_STATUS:
@@ -238,9 +253,50 @@ def map_siu(ctx: MappingContext) -> None:
         )
         if ident is not None
     ]
+    based_on += [
+        {"reference": _service_request(ctx, appt["id"], n, status, *found)}
+        for n, found in enumerate(ais_services)
+    ]
     if based_on:
         appt["basedOn"] = based_on
+    for n, obx in enumerate(ctx.all("OBX")):
+        observation_from_obx(ctx, obx, key_prefix=f"{ctx.event_id}|SIU|{n}")
     ctx.add(appt)
+
+
+def _service_request(
+    ctx: MappingContext,
+    appointment_id: str,
+    n: int,
+    appointment_status: str,
+    code: dict[str, Any],
+    start: str | None,
+    end: str | None,
+) -> str:
+    """AIS → ServiceRequest (IG AIS[ServiceRequest]): AIS-3 the service (``code``, and
+    the identifier the IG's CWE[Identifier] makes of it), AIS-4 and its duration →
+    ``occurrencePeriod``; the request the appointment is booked for, its status
+    following the appointment's."""
+    sr: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "id": uuid5_str(f"ServiceRequest|Appointment|{appointment_id}|{n}"),
+        "status": _REQUEST_STATUS.get(appointment_status, "active"),
+        "intent": "order",
+        "code": code,
+    }
+    coding = code.get("coding", [{}])[0]
+    if coding.get("code"):
+        ident: dict[str, Any] = {"value": coding["code"]}
+        if coding.get("system"):
+            ident["system"] = coding["system"]
+        sr["identifier"] = [ident]
+    sr["subject"] = subject_reference(ctx)
+    if ctx.encounter_ref:
+        sr["encounter"] = {"reference": ctx.encounter_ref}
+    period = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+    if period:
+        sr["occurrencePeriod"] = period
+    return ctx.add(sr)
 
 
 # --- status ---------------------------------------------------------------------------
@@ -291,7 +347,12 @@ def _in_table(concept: dict[str, Any], system: str) -> bool:
 
 def _services(
     ctx: MappingContext, sch: Segment
-) -> tuple[list[dict[str, Any]], list[str], tuple[str | None, str | None, float | None]]:
+) -> tuple[
+    list[dict[str, Any]],
+    list[str],
+    tuple[str | None, str | None, float | None],
+    list[tuple[dict[str, Any], str | None, str | None]],
+]:
     """Service types, AIS filler statuses, and the appointment's (start, end, duration
     in seconds) from TQ1, SCH-11 and SCH-9/10, with the first timed AIS standing in."""
     start = end = None
@@ -313,6 +374,7 @@ def _services(
 
     services: list[dict[str, Any]] = []
     statuses: list[str] = []
+    requests: list[tuple[dict[str, Any], str | None, str | None]] = []
     for ais in ctx.all("AIS"):
         ais.consume(1)
         deleted = ais.value(2).upper() == "D"
@@ -323,11 +385,13 @@ def _services(
         if status and not deleted:
             statuses.append(status)
         ais_start, ais_end, ais_seconds = _period(ais, "AIS", (4, 5, 6, 7, 8), start)
+        if service is not None and not deleted:
+            requests.append((service, ais_start, ais_end))
         if start is None and end is None and ais_start is not None:
             start, end = ais_start, ais_end
         if seconds is None:
             seconds = ais_seconds
-    return services, statuses, (start, end, seconds)
+    return services, statuses, (start, end, seconds), requests
 
 
 def _period(
