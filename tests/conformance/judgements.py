@@ -294,6 +294,28 @@ def their_family_name_from(*locations: str) -> Callable[[Disagreement], bool]:
     return check
 
 
+def their_person_from(segment: str, field_no: int) -> Callable[[Disagreement], bool]:
+    """Microsoft's resource has a name whose family AND first given name are those of an
+    XPN repetition of ``segment``-``field_no`` (a family name alone is too weak: NK1 and
+    GT1 often share the patient's family name)."""
+
+    def check(d: Disagreement) -> bool:
+        theirs: set[tuple[str, str]] = set()
+        for n in (d.theirs_resource or {}).get("name") or []:
+            if isinstance(n, Mapping):
+                given = n.get("given") or [""]
+                theirs.add((str(n.get("family", "")).strip(), str(given[0]).strip()))
+        source: set[tuple[str, str]] = set()
+        for seg in _segments(d.file):
+            if seg[0] == segment and field_no < len(seg):
+                for rep in seg[field_no].split("~"):
+                    parts = [*rep.split("^"), ""]
+                    source.add((parts[0].split("&")[0].strip(), parts[1].strip()))
+        return bool(theirs & source)
+
+    return check
+
+
 def their_code_system_is(system: str) -> Callable[[Disagreement], bool]:
     def check(d: Disagreement) -> bool:
         concept = (d.theirs_resource or {}).get("code")
@@ -441,7 +463,7 @@ PATTERNS: tuple[Pattern, ...] = (
         "Microsoft's RelatedPerson is an NK1 (next of kin) we did not map; the message maps "
         "create a RelatedPerson per NK1 (OML_O21, VXU_V04, ADT_A01...).",
         ig("segment-nk1-to-relatedperson"),
-        all_of(missing, their_family_name_from("NK1-2")),
+        all_of(missing, their_person_from("NK1", 2)),
     ),
     Pattern(
         "al1-allergy-not-mapped",
@@ -558,6 +580,29 @@ PATTERNS: tuple[Pattern, ...] = (
         "are ServiceRequest identifiers in the IG's ORC and OBR maps; we do not carry them.",
         ig("segment-orc-to-servicerequest"),
         all_of(lambda d: not d.resource_missing, ours_lacks_from("ORC-4", "OBR-53")),
+    ),
+    Pattern(
+        "pid-21-mother-merged-into-nk1",
+        "RelatedPerson",
+        "relationship",
+        "theirs non-standard",
+        "Microsoft merges the PID-21 mother (identifier PID-21, relationship MTH) into the "
+        "NK1 RelatedPerson (same resource id; in these messages the NK1 is the patient's "
+        "child, NK1-3 CHD, so the merged person is both child and mother). The IG's PID map "
+        "sends PID-21 to a RelatedPerson of its own (CX[RelatedPerson-Mother], relationship "
+        "MTH) and the NK1 map makes the NK1 person; we keep the two apart, so our NK1 "
+        "RelatedPerson lacks MTH and the mother is one of our RelatedPersons that pairs "
+        "with nothing of theirs.",
+        ig("segment-pid-to-patient"),
+        lambda d: (
+            not d.resource_missing
+            and _as_set(d.theirs) - _as_set(d.ours)
+            == {"http://terminology.hl7.org/CodeSystem/v3-RoleCode|MTH"}
+            and _as_set(d.ours) <= _as_set(d.theirs)
+            and their_identifier_from("PID-21")(d)
+            and their_person_from("NK1", 2)(d)
+            and "MTH" not in source_values(d.file, "NK1-3")
+        ),
     ),
     Pattern(
         "nk1-3-relationship-not-translated",
@@ -940,6 +985,16 @@ PATTERNS: tuple[Pattern, ...] = (
         ),
     ),
     Pattern(
+        "gt1-as-related-person",
+        "RelatedPerson",
+        "*",
+        "undecidable",
+        "Microsoft makes a RelatedPerson of the GT1 guarantor; the IG STU1 has no GT1 map "
+        "(GT1 is 'under construction' in its segment inventory).",
+        ig("segment-nk1-to-relatedperson"),
+        all_of(missing, their_family_name_from("GT1-3")),
+    ),
+    Pattern(
         "patient-data-from-unmapped-segments",
         "*",
         "*",
@@ -950,16 +1005,6 @@ PATTERNS: tuple[Pattern, ...] = (
         "segment inventory); we carry them nowhere yet (they are in hl7unmapped).",
         ig("segment-pid-to-patient"),
         theirs_extra_from(*NOT_IN_IG),
-    ),
-    Pattern(
-        "gt1-as-related-person",
-        "RelatedPerson",
-        "*",
-        "undecidable",
-        "Microsoft makes a RelatedPerson of the GT1 guarantor; the IG STU1 has no GT1 map "
-        "(GT1 is 'under construction' in its segment inventory).",
-        ig("segment-nk1-to-relatedperson"),
-        all_of(missing, their_family_name_from("GT1-3")),
     ),
     Pattern(
         "pda-acc-observations",

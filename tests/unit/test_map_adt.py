@@ -27,17 +27,20 @@ from bridge.normalize.families.adt import (
     V3_ROLE_CODE,
 )
 from bridge.normalize.ids import uuid5_str
+from tests.unit.mapping_support import (
+    MS_EXPECTED,
+    MS_SAMPLES,
+    assert_references_resolve,
+    expected_bundle,
+    message,
+    resolve,
+    resources,
+    validated,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
-MS = CORPUS / "microsoft-fhir-converter"
-MS_DIR = MS / "data" / "SampleData" / "Hl7v2"
-EXPECTED = (
-    MS / "src" / "Microsoft.Health.Fhir.Liquid.Converter.FunctionalTests" / "TestData"
-    / "Expected" / "Hl7v2"
-)  # fmt: skip
-ADT_FILES = sorted(MS_DIR.glob("ADT*.hl7"))
+ADT_FILES = sorted(MS_SAMPLES.glob("ADT*.hl7"))
 #: Segments the ADT mapper owns: none of them may be left untouched in the corpus.
 CORE_SEGMENTS = {
     "EVN", "PID", "PD1", "MRG", "NK1", "PV1", "PV2", "AL1", "IAM", "DG1", "PR1", "IN1"
@@ -74,19 +77,14 @@ def pv1(**fields: str) -> str:
 
 def run(event: str, *segments: str, version: str = "2.8") -> Normalized:
     """Map MSH + segments, validate the Bundle, check that every reference resolves."""
-    msh = MSH[version].format(event=event)
-    msg = parse_message("\r".join((msh, *segments)).encode("utf-8"))
-    result = normalize(msg, event_id=f"evt-{event}", source="urn:test")
-    Bundle.model_validate(result.bundle)
+    msg = message(MSH[version].format(event=event), *segments)
+    result = validated(msg, event_id=f"evt-{event}")
     assert_references_resolve(result.bundle)
     return result
 
 
 def of_type(result: Normalized | dict[str, Any], resource_type: str) -> list[dict[str, Any]]:
-    bundle = result.bundle if isinstance(result, Normalized) else result
-    return [
-        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type
-    ]
+    return resources(result.bundle if isinstance(result, Normalized) else result, resource_type)
 
 
 def one(result: Normalized, resource_type: str) -> dict[str, Any]:
@@ -95,25 +93,7 @@ def one(result: Normalized, resource_type: str) -> dict[str, Any]:
 
 
 def get(result: Normalized, reference: str) -> dict[str, Any]:
-    for entry in result.bundle["entry"]:
-        if entry["fullUrl"] == reference:
-            resource: dict[str, Any] = entry["resource"]
-            return resource
-    raise AssertionError("unresolved reference")
-
-
-def assert_references_resolve(bundle: dict[str, Any]) -> None:
-    urls = {e["fullUrl"] for e in bundle["entry"]}
-    stack: list[Any] = [bundle["entry"]]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            ref = node.get("reference")
-            if isinstance(ref, str):
-                assert ref in urls, "a reference does not resolve within the Bundle"
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+    return resolve(result.bundle, reference)
 
 
 # --- Encounter: status per event ----------------------------------------------------------
@@ -910,19 +890,14 @@ def _instant(value: str | None) -> float | str | None:
     return datetime.fromisoformat(value).timestamp()
 
 
-def _expected(folder: str, name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((EXPECTED / folder / f"{name}-expected.json").read_text())
-    return data
-
-
 @pytest.mark.parametrize(
     ("folder", "name"),
     [("ADT_A01", "ADT-A01-01"), ("ADT_A03", "ADT-A03-01"), ("ADT_A04", "ADT04-23")],
 )
 def test_agrees_with_microsoft_on_key_values(folder: str, name: str) -> None:
-    expected = _expected(folder, name)
+    expected = expected_bundle(name, folder)
     result = normalize(
-        parse_message((MS_DIR / f"{name}.hl7").read_bytes()), event_id=name, source="urn:test"
+        parse_message((MS_SAMPLES / f"{name}.hl7").read_bytes()), event_id=name, source="urn:test"
     )
     ms_patient = of_type(expected, "Patient")[0]
     patient = of_type(result, "Patient")[0]
@@ -954,11 +929,11 @@ def test_field_agreement_with_microsoft_over_the_adt_corpus() -> None:
     planned-date extensions; Microsoft makes no Encounter for A41.
     """
     total = agree = 0
-    for expected_path in sorted(EXPECTED.glob("ADT_*/*-expected.json")):
+    for expected_path in sorted(MS_EXPECTED.glob("ADT_*/*-expected.json")):
         name = expected_path.name.removesuffix("-expected.json")
         expected = json.loads(expected_path.read_text())
         result = normalize(
-            parse_message((MS_DIR / f"{name}.hl7").read_bytes()), event_id=name, source="x"
+            parse_message((MS_SAMPLES / f"{name}.hl7").read_bytes()), event_id=name, source="x"
         )
         pairs: list[tuple[Any, Any]] = []
         ms_patients, patients = of_type(expected, "Patient"), of_type(result, "Patient")

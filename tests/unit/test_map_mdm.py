@@ -4,39 +4,28 @@ Microsoft's expected output for MDM-T02-01."""
 from __future__ import annotations
 
 import base64
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fhir.resources.R4B.bundle import Bundle
 
 from adapters.hl7v2.er7 import Hl7Message, parse_message
 from bridge.errors import DataTypeError, RequiredFieldMissing, TableValueNotFound
-from bridge.normalize import normalize
 from bridge.normalize.context import MappingContext, MappingOptions
 from bridge.normalize.families.mdm import map_mdm
+from tests.unit.mapping_support import (
+    MS_SAMPLES,
+    assert_references_resolve,
+    expected_bundle,
+    files_of_type,
+    normalize_and_validate,
+    resources,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
-MS_DIR = CORPUS / "microsoft-fhir-converter" / "data" / "SampleData" / "Hl7v2"
-MS_EXPECTED = (
-    CORPUS
-    / "microsoft-fhir-converter"
-    / "src"
-    / "Microsoft.Health.Fhir.Liquid.Converter.FunctionalTests"
-    / "TestData"
-    / "Expected"
-    / "Hl7v2"
-)
-# Files are chosen by MSH-9, not by name: MS's MDM_01.hl7 / SIU_12.hl7 hold ADT messages.
-MDM_FILES = [
-    p
-    for p in sorted(MS_DIR.glob("*.hl7"))
-    if parse_message(p.read_bytes()).header.message_code == "MDM"
-]
+MDM_FILES = files_of_type(MS_SAMPLES.glob("*.hl7"), "MDM")
 SOURCE = "urn:hl7bridge:test:mllp"
 PID = "PID|1||MRN123^^^HOSP^MR||Doe^Jane||19800101|F"
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj <<>> endobj\n%%EOF"
@@ -71,13 +60,7 @@ def message(*segments: str, event: str = "T02", version: str = "2.5.1") -> Hl7Me
 
 
 def run(msg: Hl7Message, event_id: str = "evt-1") -> tuple[dict[str, Any], tuple[str, ...]]:
-    normalized = normalize(msg, event_id=event_id, source=SOURCE)
-    Bundle.model_validate(normalized.bundle)
-    return normalized.bundle, normalized.unmapped
-
-
-def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
+    return normalize_and_validate(msg, event_id=event_id, source=SOURCE)
 
 
 def doc_of(msg: Hl7Message, event_id: str = "evt-1") -> dict[str, Any]:
@@ -93,26 +76,6 @@ def attachments(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def text_of(attachment: dict[str, Any]) -> str:
     return base64.b64decode(attachment["data"], validate=True).decode("utf-8")
-
-
-def assert_references_resolve(bundle: dict[str, Any]) -> None:
-    full_urls = {e["fullUrl"] for e in bundle["entry"]}
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            ref = node.get("reference")
-            if isinstance(ref, str):
-                found.append(ref)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(bundle)
-    assert found
-    assert all(ref in full_urls for ref in found), set(found) - full_urls
 
 
 # --- content --------------------------------------------------------------------------
@@ -529,21 +492,15 @@ def test_every_mdm_corpus_message_maps_and_validates(path: Path) -> None:
     assert_references_resolve(bundle)
 
 
-def _ms_expected(name: str) -> dict[str, Any]:
-    folder = "_".join(name.split("-")[:2])
-    path = MS_EXPECTED / folder / f"{name}-expected.json"
-    return dict(json.loads(path.read_text(encoding="utf-8")))
-
-
 def _instant(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
 def test_mdm_t02_01_agrees_with_microsoft() -> None:
-    expected = _ms_expected("MDM-T02-01")
+    expected = expected_bundle("MDM-T02-01")
     [ms_doc] = resources(expected, "DocumentReference")
     [ms_report] = resources(expected, "DiagnosticReport")
-    bundle, _ = run(parse_message((MS_DIR / "MDM-T02-01.hl7").read_bytes()))
+    bundle, _ = run(parse_message((MS_SAMPLES / "MDM-T02-01.hl7").read_bytes()))
     [doc] = resources(bundle, "DocumentReference")
 
     assert doc["type"]["coding"][0]["code"] == ms_doc["type"]["coding"][0]["code"] == "DI"

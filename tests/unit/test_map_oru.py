@@ -32,27 +32,24 @@ from bridge.normalize.families.oru import (
     OBSERVATION_STATUS,
     observation_from_obx,
 )
+from tests.unit.mapping_support import (
+    CORPUS,
+    MS_SAMPLES,
+    assert_references_resolve,
+    expected_bundle,
+    files_of_type,
+    message,
+    normalize_and_validate,
+    one,
+    resolve,
+    resources,
+    seg,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
-MS = CORPUS / "microsoft-fhir-converter"
-SAMPLES = MS / "data" / "SampleData" / "Hl7v2"
-EXPECTED = (
-    MS
-    / "src"
-    / "Microsoft.Health.Fhir.Liquid.Converter.FunctionalTests"
-    / "TestData"
-    / "Expected"
-    / "Hl7v2"
-    / "ORU_R01"
-)
 LFH = CORPUS / "linuxforhealth-hl7v2-fhir-converter" / "src" / "test" / "resources"
-ORU_FILES = sorted(
-    p
-    for p in [*SAMPLES.glob("*.hl7"), *LFH.glob("*.hl7")]
-    if parse_message(p.read_bytes()).header.message_code == "ORU"
-)
+ORU_FILES = files_of_type([*MS_SAMPLES.glob("*.hl7"), *LFH.glob("*.hl7")], "ORU")
 #: Segments the ORU mapping owns: none of them may be left untouched.
 CORE_SEGMENTS = {"OBR", "OBX", "ORC", "SPM"}
 
@@ -63,11 +60,6 @@ MSH_23 = "MSH|^~\\&|LIS|LAB|EHR|HOSP|20240315083000-0500||ORU^R01|C23|P|2.3"
 MSH_251 = "MSH|^~\\&|LIS|LAB|EHR|HOSP|20240315083000-0500||ORU^R01^ORU_R01|C251|P|2.5.1"
 MSH_28 = "MSH|^~\\&|LIS|LAB|EHR|HOSP|20240315083000+0100||ORU^R01^ORU_R01|C28|P|2.8"
 PID = "PID|1||12345^^^HOSP^MR||Doe^Jane||19800101|F"
-
-
-def seg(name: str, fields: dict[int, str]) -> str:
-    """A segment from its non-empty fields, by HL7 field number."""
-    return "|".join([name] + [fields.get(n, "") for n in range(1, max(fields) + 1)])
 
 
 OBR = seg(
@@ -94,38 +86,15 @@ def obx(n: int, value_type: str, code: str, value: str, **more: str) -> str:
 def convert(
     *segments: str, event_id: str = "evt-1", msh: str = MSH_251
 ) -> tuple[dict[str, Any], tuple[str, ...]]:
-    msg = parse_message("\r".join((msh, *segments)).encode())
-    result = normalize(msg, event_id=event_id, source="urn:test")
-    validate(result.bundle)
-    return result.bundle, result.unmapped
+    bundle, unmapped = normalize_and_validate(message(msh, *segments), event_id=event_id)
+    assert_references_resolve(bundle)
+    return bundle, unmapped
 
 
 def validate(bundle: dict[str, Any]) -> None:
-    """R4 validation, and every urn:uuid reference resolves within the Bundle."""
+    """R4 validation, and every reference resolves within the Bundle."""
     Bundle.model_validate(bundle)
-    urls = {e["fullUrl"] for e in bundle["entry"]}
-    text = orjson.dumps(bundle).decode()
-    for part in text.split('"reference":"')[1:]:
-        ref = part.split('"', 1)[0]
-        assert ref in urls, ref
-
-
-def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
-
-
-def one(bundle: dict[str, Any], kind: str) -> dict[str, Any]:
-    found = resources(bundle, kind)
-    assert len(found) == 1, f"{len(found)} {kind}"
-    return found[0]
-
-
-def resolve(bundle: dict[str, Any], reference: str) -> dict[str, Any]:
-    for entry in bundle["entry"]:
-        if entry["fullUrl"] == reference:
-            resource: dict[str, Any] = entry["resource"]
-            return resource
-    raise AssertionError(reference)
+    assert_references_resolve(bundle)
 
 
 def observation(bundle: dict[str, Any], code: str) -> dict[str, Any]:
@@ -1063,11 +1032,11 @@ def _observation_fields(o: dict[str, Any]) -> dict[str, Any]:
     "name", ["LAB-ORU-1", "LAB-ORU-2", "ORU-R01-01", "ORU-R01-RMGEAD", "LRI_2.0-NG_CBC_Typ_Message"]
 )
 def test_observations_agree_with_microsoft(name: str) -> None:
-    expected = orjson.loads((EXPECTED / f"{name}-expected.json").read_bytes())
+    expected = expected_bundle(name, "ORU_R01")
     theirs = [
         e["resource"] for e in expected["entry"] if e["resource"]["resourceType"] == "Observation"
     ]
-    msg = parse_message((SAMPLES / f"{name}.hl7").read_bytes())
+    msg = parse_message((MS_SAMPLES / f"{name}.hl7").read_bytes())
     ours = resources(normalize(msg, event_id="e", source="x").bundle, "Observation")
     compared = agreed = 0
     disagreements = []
@@ -1095,13 +1064,13 @@ def test_observations_agree_with_microsoft(name: str) -> None:
 
 
 def test_report_values_agree_with_microsoft_for_lri() -> None:
-    expected = orjson.loads((EXPECTED / "LRI_2.0-NG_CBC_Typ_Message-expected.json").read_bytes())
+    expected = expected_bundle("LRI_2.0-NG_CBC_Typ_Message", "ORU_R01")
     (their,) = [
         e["resource"]
         for e in expected["entry"]
         if e["resource"]["resourceType"] == "DiagnosticReport"
     ]
-    msg = parse_message((SAMPLES / "LRI_2.0-NG_CBC_Typ_Message.hl7").read_bytes())
+    msg = parse_message((MS_SAMPLES / "LRI_2.0-NG_CBC_Typ_Message.hl7").read_bytes())
     bundle = normalize(msg, event_id="e", source="x").bundle
     ours = one(bundle, "DiagnosticReport")
     assert ours["status"] == their["status"] == "final"
@@ -1220,7 +1189,7 @@ def test_fast_cwe_map_is_the_shared_cwe_map(parts: list[str]) -> None:
 
 def test_lri_cbc_carries_every_result_field() -> None:
     """NIST LRI CBC: 28 OBX with ranges, performing lab, director, analysis time."""
-    msg = parse_message((SAMPLES / "LRI_2.0-NG_CBC_Typ_Message.hl7").read_bytes())
+    msg = parse_message((MS_SAMPLES / "LRI_2.0-NG_CBC_Typ_Message.hl7").read_bytes())
     result = normalize(msg, event_id="e", source="x")
     assert set(result.unmapped) == {"MSH-21", "OBR-28", "OBR-49"}
     rbc = observation(result.bundle, "26453-1")

@@ -29,11 +29,10 @@ from bridge.normalize.patient import (
     key_from_cx_list,
     patient_key_of,
 )
+from tests.unit.mapping_support import MS_SAMPLES, message, normalize_and_validate, resources
 
 pytestmark = pytest.mark.timeout(30)
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
-MS_DIR = CORPUS / "microsoft-fhir-converter" / "data" / "SampleData" / "Hl7v2"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 BCP47 = "urn:ietf:bcp:47"
 
@@ -54,19 +53,12 @@ def pid(**fields: str) -> str:
 
 def run(*segments: str, version: str = "2.8") -> tuple[dict[str, Any], tuple[str, ...]]:
     """Map MSH + segments; return the Patient and the unmapped list (Bundle validated)."""
-    msg = parse_message("\r".join((MSH[version], *segments)).encode("utf-8"))
-    result = normalize(msg, event_id="evt", source="urn:test")
-    Bundle.model_validate(result.bundle)
-    patients = [
-        e["resource"] for e in result.bundle["entry"] if e["resource"]["resourceType"] == "Patient"
-    ]
-    return patients[0], result.unmapped
+    bundle, unmapped = normalize_and_validate(message(MSH[version], *segments), event_id="evt")
+    return resources(bundle, "Patient")[0], unmapped
 
 
 def bundle_of(*segments: str, version: str = "2.8") -> dict[str, Any]:
-    msg = parse_message("\r".join((MSH[version], *segments)).encode("utf-8"))
-    bundle = normalize(msg, event_id="evt", source="urn:test").bundle
-    Bundle.model_validate(bundle)
+    bundle, _ = normalize_and_validate(message(MSH[version], *segments), event_id="evt")
     return bundle
 
 
@@ -447,7 +439,7 @@ def test_v23_pid_with_every_element_and_latin1() -> None:
 
 
 def test_corpus_a01_patient_elements() -> None:
-    msg = parse_message((MS_DIR / "ADT-A01-01.hl7").read_bytes())
+    msg = parse_message((MS_SAMPLES / "ADT-A01-01.hl7").read_bytes())
     result = normalize(msg, event_id="e", source="urn:test")
     patient = result.bundle["entry"][1]["resource"]
     # Microsoft's expected output agrees on these.
@@ -467,7 +459,7 @@ def test_corpus_a01_patient_elements() -> None:
 # --- identity ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted(MS_DIR.glob("*.hl7")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(MS_SAMPLES.glob("*.hl7")), ids=lambda p: p.name)
 def test_patient_key_of_first_pid_is_the_kafka_key(path: Path) -> None:
     msg = parse_message(path.read_bytes())
     ctx = MappingContext(msg, "e", MappingOptions())

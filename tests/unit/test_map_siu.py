@@ -3,37 +3,26 @@ Microsoft's expected output for SIU-S12-01."""
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fhir.resources.R4B.bundle import Bundle
 
 from adapters.hl7v2.er7 import Hl7Message, parse_message
 from bridge.errors import DataTypeError, RequiredFieldMissing
-from bridge.normalize import normalize
+from tests.unit.mapping_support import (
+    MS_SAMPLES,
+    assert_references_resolve,
+    expected_bundle,
+    files_of_type,
+    normalize_and_validate,
+    resources,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
-MS_DIR = CORPUS / "microsoft-fhir-converter" / "data" / "SampleData" / "Hl7v2"
-MS_EXPECTED = (
-    CORPUS
-    / "microsoft-fhir-converter"
-    / "src"
-    / "Microsoft.Health.Fhir.Liquid.Converter.FunctionalTests"
-    / "TestData"
-    / "Expected"
-    / "Hl7v2"
-)
-# Files are chosen by MSH-9, not by name: MS's MDM_01.hl7 / SIU_12.hl7 hold ADT messages.
-SIU_FILES = [
-    p
-    for p in sorted(MS_DIR.glob("*.hl7"))
-    if parse_message(p.read_bytes()).header.message_code == "SIU"
-]
+SIU_FILES = files_of_type(MS_SAMPLES.glob("*.hl7"), "SIU")
 SOURCE = "urn:hl7bridge:test:mllp"
 PID = "PID|1||MRN123^^^HOSP^MR||Doe^Jane||19800101|F"
 CORE_SEGMENTS = ("SCH", "TQ1", "NTE", "RGS", "AIS", "AIG", "AIL", "AIP")
@@ -59,13 +48,7 @@ def message(*segments: str, event: str = "S12", version: str = "2.5.1") -> Hl7Me
 
 
 def run(msg: Hl7Message, event_id: str = "evt-1") -> tuple[dict[str, Any], tuple[str, ...]]:
-    normalized = normalize(msg, event_id=event_id, source=SOURCE)
-    Bundle.model_validate(normalized.bundle)
-    return normalized.bundle, normalized.unmapped
-
-
-def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
+    return normalize_and_validate(msg, event_id=event_id, source=SOURCE)
 
 
 def by_ref(bundle: dict[str, Any], ref: dict[str, str]) -> dict[str, Any]:
@@ -90,26 +73,6 @@ def timed(*segments: str, event: str = "S12", **sch_fields: str) -> Hl7Message:
         "AIL|1||CLINIC^101^A",
         event=event,
     )
-
-
-def assert_references_resolve(bundle: dict[str, Any]) -> None:
-    full_urls = {e["fullUrl"] for e in bundle["entry"]}
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            ref = node.get("reference")
-            if isinstance(ref, str):
-                found.append(ref)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(bundle)
-    assert found
-    assert all(ref in full_urls for ref in found), set(found) - full_urls
 
 
 # --- status ---------------------------------------------------------------------------
@@ -518,16 +481,10 @@ def test_every_siu_corpus_message_maps_and_validates(path: Path) -> None:
     assert_references_resolve(bundle)
 
 
-def _ms_expected(name: str) -> dict[str, Any]:
-    folder = "_".join(name.split("-")[:2])
-    path = MS_EXPECTED / folder / f"{name}-expected.json"
-    return dict(json.loads(path.read_text(encoding="utf-8")))
-
-
 def test_siu_s12_01_agrees_with_microsoft() -> None:
-    expected = _ms_expected("SIU-S12-01")
+    expected = expected_bundle("SIU-S12-01")
     [ms_appt] = resources(expected, "Appointment")
-    bundle, _ = run(parse_message((MS_DIR / "SIU-S12-01.hl7").read_bytes()))
+    bundle, _ = run(parse_message((MS_SAMPLES / "SIU-S12-01.hl7").read_bytes()))
     [appt] = resources(bundle, "Appointment")
 
     assert appt["status"] == ms_appt["status"] == "booked"

@@ -16,24 +16,22 @@ from adapters.hl7v2.er7 import parse_message
 from bridge.errors import MessageError, RequiredFieldMissing, TableValueNotFound
 from bridge.normalize import MappingOptions, normalize
 from bridge.normalize.ids import uuid5_str
+from tests.unit.mapping_support import (
+    MS_SAMPLES,
+    assert_references_resolve,
+    expected_bundle,
+    files_of_type,
+    message,
+    normalize_and_validate,
+    one,
+    resolve,
+    resources,
+    seg,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus"
-MS = CORPUS / "microsoft-fhir-converter"
-SAMPLES = MS / "data" / "SampleData" / "Hl7v2"
-EXPECTED = (
-    MS
-    / "src"
-    / "Microsoft.Health.Fhir.Liquid.Converter.FunctionalTests"
-    / "TestData"
-    / "Expected"
-    / "Hl7v2"
-    / "VXU_V04"
-)
-VXU_FILES = sorted(
-    p for p in SAMPLES.glob("*.hl7") if parse_message(p.read_bytes()).header.message_code == "VXU"
-)
+VXU_FILES = files_of_type(MS_SAMPLES.glob("*.hl7"), "VXU")
 CORE_SEGMENTS = {"ORC", "RXA", "RXR", "OBX", "NTE"}
 
 MSH_251 = "MSH|^~\\&|EHR|CLINIC|IIS|STATE|20240301093000-0500||VXU^V04^VXU_V04|V1|P|2.5.1"
@@ -43,11 +41,6 @@ PID = "PID|1||555^^^CLINIC^MR||Child^Kim||20200101|F"
 ORC = "ORC|RE|PL-1^EHR|FI-1^IIS|||||||||77^Ordering^Olga^^^^^^CLINIC"
 RXR = "RXR|C28161^Intramuscular^NCIT|LD^Left Deltoid^HL70163"
 V0443 = "http://terminology.hl7.org/CodeSystem/v2-0443"
-
-
-def seg(name: str, fields: dict[int, str]) -> str:
-    """A segment from its non-empty fields, by HL7 field number."""
-    return "|".join([name] + [fields.get(n, "") for n in range(1, max(fields) + 1)])
 
 
 def rxa(**changes: str) -> str:
@@ -74,28 +67,9 @@ def rxa(**changes: str) -> str:
 
 
 def convert(*segments: str, event_id: str = "evt-1") -> tuple[dict[str, Any], tuple[str, ...]]:
-    msg = parse_message("\r".join(segments).encode())
-    result = normalize(msg, event_id=event_id, source="urn:test")
-    Bundle.model_validate(result.bundle)
-    urls = {e["fullUrl"] for e in result.bundle["entry"]}
-    for part in orjson.dumps(result.bundle).decode().split('"reference":"')[1:]:
-        ref = part.split('"', 1)[0]
-        assert not ref.startswith("urn:uuid:") or ref in urls
-    return result.bundle, result.unmapped
-
-
-def resources(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == kind]
-
-
-def one(bundle: dict[str, Any], kind: str) -> dict[str, Any]:
-    found = resources(bundle, kind)
-    assert len(found) == 1, f"{len(found)} {kind}"
-    return found[0]
-
-
-def resolve(bundle: dict[str, Any], reference: str) -> dict[str, Any]:
-    return next(e["resource"] for e in bundle["entry"] if e["fullUrl"] == reference)
+    bundle, unmapped = normalize_and_validate(message(*segments), event_id=event_id)
+    assert_references_resolve(bundle)
+    return bundle, unmapped
 
 
 def immunization(*segments: str) -> tuple[dict[str, Any], dict[str, Any], tuple[str, ...]]:
@@ -426,7 +400,7 @@ def test_administration_time_without_offset_is_in_the_configured_time_zone() -> 
 
 
 def corpus(name: str) -> tuple[dict[str, Any], tuple[str, ...]]:
-    msg = parse_message((SAMPLES / name).read_bytes())
+    msg = parse_message((MS_SAMPLES / name).read_bytes())
     result = normalize(msg, event_id=f"{msg.header.sender_key}|{msg.header.control_id}", source="s")
     return result.bundle, result.unmapped
 
@@ -451,7 +425,7 @@ def test_every_vxu_corpus_file_maps_and_validates(path: Path) -> None:
 
 
 def microsoft(name: str) -> dict[str, Any]:
-    data = orjson.loads((EXPECTED / f"{name}-expected.json").read_bytes())
+    data = expected_bundle(name, "VXU_V04")
     return next(
         e["resource"] for e in data["entry"] if e["resource"]["resourceType"] == "Immunization"
     )

@@ -7,8 +7,9 @@ Groups. One ServiceRequest per OBR; the ORC before it gives the order's control
 fields (an OBR with no ORC of its own shares the previous one). An ORC with no
 detail segment at all (a bare cancel or status change) gives a ServiceRequest of
 its own. Orders whose detail is RXO/RXE/ODS/ODT/RQD/RQ1 are not ServiceRequests
-(they are MedicationRequest, NutritionOrder, SupplyRequest): the whole group is
-left to ``unmapped``. TQ1 before the OBR belongs to every OBR of that ORC; NTE
+(they are MedicationRequest, NutritionOrder, SupplyRequest): the group is left
+to ``unmapped``, except its OBX (Observation) and DG1 (Condition, with no order
+referring to it). TQ1 before the OBR belongs to every OBR of that ORC; NTE
 after an OBX belongs to the OBX, otherwise to the order; DG1 → Condition
 (``reasonReference``); SPM → Specimen (``specimen``); OBX → Observation
 (``supportingInfo``, through the ORU family's ``observation_from_obx``).
@@ -254,11 +255,17 @@ def order_groups(ctx: MappingContext) -> list[OrderGroup]:
 @register("ORM", "OML")
 def map_orders(ctx: MappingContext) -> None:
     """Every OBR (or bare ORC) order of an ORM/OML message → ServiceRequest; the OBX
-    of an order whose detail is not a ServiceRequest (RXO, ODS...) → Observation."""
+    and DG1 of an order whose detail is not a ServiceRequest (RXO, ODS...) →
+    Observation and Condition."""
     for ordinal, group in enumerate(order_groups(ctx)):
         if not group.other_detail:
             service_request(ctx, group, ordinal)
         else:
+            # DG1[Condition] holds whatever the order is: the IG's reference to it is
+            # the MedicationRequest's (NutritionOrder's...) reasonReference, a resource
+            # we do not make; the Condition stands on its own (subject, code, onset).
+            for dg1 in group.diagnoses:
+                condition_from_dg1(ctx, dg1)
             prefix = f"{ctx.event_id}|order/{ordinal}"
             for obx, notes, _spm in group.observations:
                 observation_from_obx(ctx, obx, key_prefix=prefix, notes=notes)
@@ -871,12 +878,22 @@ def condition_from_dg1(ctx: MappingContext, dg1: Segment) -> str:
         asserter = dt.practitioner(ctx, dg1.comps(16))
         if asserter is not None:
             condition["asserter"] = {"reference": asserter}
+    rid = ""
     if identifier is not None:
         scope = identifier.get("system") or ctx.msg.header.sender_key
-        condition["id"] = uuid5_str(f"Condition|{scope}|{identifier['value']}")
-    else:
-        condition["id"] = ctx.resource_id(f"Condition/{dg1.index}")
+        rid = uuid5_str(f"Condition|{scope}|{identifier['value']}")
+        existing = ctx.get(rid)
+        if existing is not None and _conflicts(existing, condition):
+            # The same DG1-20 with other content (another onset, say) in a second order
+            # group: a Condition of its own, so that nothing read is dropped.
+            rid = ""
+    condition["id"] = rid or ctx.resource_id(f"Condition/{dg1.index}")
     return ctx.add(condition)
+
+
+def _conflicts(existing: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``new`` has an element ``existing`` holds with another value."""
+    return any(k != "id" and k in existing and existing[k] != v for k, v in new.items())
 
 
 def annotation_from_nte(ctx: MappingContext, nte: Segment) -> dict[str, Any] | None:
