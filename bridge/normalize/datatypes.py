@@ -543,6 +543,15 @@ def quantity(value: str, units: Components, location: str) -> dict[str, Any]:
     if not units:
         return out
     unit_code, unit_name, system = units.texts(3)[:3]
+    out.update(unit_fields(unit_code, unit_name, system))
+    return out
+
+
+def unit_fields(unit_code: str, unit_name: str, system: str) -> dict[str, str]:
+    """The units part of :func:`quantity` (``unit``, ``system``, ``code``) from CWE-1/2/3
+    (decoded, stripped): for a mapper that gives one set of units to several
+    quantities (an OBX value and its reference range) and maps them once."""
+    out: dict[str, str] = {}
     unit_text = unit_name or unit_code
     if unit_text:
         out["unit"] = unit_text

@@ -383,7 +383,7 @@ def observation_from_obx(
     v = f[3]
     if v:
         obx.carried |= 1 << 3
-        code = _cwe(ctx, _rep1(ctx, v))
+        code = _cwe_code(ctx, _rep1(ctx, v))
     if code is None:
         code = _unknown_code()
     obs["code"] = code
@@ -411,15 +411,28 @@ def observation_from_obx(
     extensions: list[dict[str, Any]] = []
     v = f[2]
     value_type = (v.strip() if specials.isdisjoint(v) else _plain(ctx, v)).upper() if v else ""
-    units = obx.comps(6) if f[6] and value_type in _UNIT_TYPES else Components(ctx, "")
+    # OBX-6, mapped once for the value and the reference range: units with no
+    # repetition, escape or subcomponent (nearly all) by their cached map.
+    v = f[6]
+    unit_part: dict[str, str] | None = _NO_UNITS
+    if v and value_type in _UNIT_TYPES:
+        obx.carried |= 1 << 6
+        if not (ctx.rep_sep in v or ctx.esc_char in v or ctx.sub_sep in v):
+            unit_part = _unit_part(v, ctx.comp_sep)
+        else:
+            unit_part = None
     raw_value = f[5]
     if not raw_value or raw_value == '""':
         has_value = False
     elif value_type == "NM" and specials.isdisjoint(raw_value):
         obx.carried |= 1 << 5
-        obs["valueQuantity"] = dt.quantity(raw_value, units, "OBX-5")
+        if unit_part is not None:
+            obs["valueQuantity"] = {"value": dt.number(raw_value, "OBX-5"), **unit_part}
+        else:
+            obs["valueQuantity"] = dt.quantity(raw_value, _units(ctx, obx, value_type), "OBX-5")
         has_value = True
     else:
+        units = _units(ctx, obx, value_type)
         has_value = _map_value(ctx, obx, value_type, units, code, obs, extensions)
     if not has_value:
         absent = _absent_reason(ctx, obx, status_code)
@@ -462,7 +475,11 @@ def observation_from_obx(
     if v:
         obx.carried |= 1 << 7
         reference_range = _reference_range(
-            (ctx.decode(v) if ctx.esc_char in v else v).strip(), units
+            (ctx.decode(v) if ctx.esc_char in v else v).strip(),
+            unit_part,
+            ctx,
+            obx,
+            value_type,
         )
         if reference_range:
             obs["referenceRange"] = [reference_range]
@@ -542,7 +559,12 @@ def _cwe(ctx: MappingContext, rep: str) -> dict[str, Any] | None:
     enc = ctx.enc
     if enc.escape in rep or enc.subcomponent in rep:
         return dt.codeable_concept(ctx, Components(ctx, rep))
-    parts = rep.split(enc.component)
+    return _split_cwe(rep, enc.component)
+
+
+def _split_cwe(rep: str, comp: str) -> dict[str, Any] | None:
+    """:func:`_cwe` of a non-empty repetition with no escape and no subcomponent."""
+    parts = rep.split(comp)
     n = len(parts)
     codings = []
     for i in (0, 3) if n > 3 else (0,):
@@ -576,6 +598,36 @@ def _cwe(ctx: MappingContext, rep: str) -> dict[str, Any] | None:
     if text:
         out["text"] = text
     return out
+
+
+def _cwe_code(ctx: MappingContext, rep: str) -> dict[str, Any] | None:
+    """:func:`_cwe` of an observation or order code (OBX-3, OBR-4), cached by value
+    when it has no escape or subcomponent: a lab sends the same codes over and over.
+    Returns a fresh copy (callers may change it)."""
+    if not rep:
+        return None
+    if ctx.esc_char in rep or ctx.sub_sep in rep:
+        return _cwe(ctx, rep)
+    return _copy_concept(_cached_cwe(rep, ctx.comp_sep))
+
+
+def _copy_concept(found: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A fresh copy of a cached CodeableConcept (``coding`` and ``text`` only)."""
+    if found is None:
+        return None
+    out: dict[str, Any] = {}
+    codings = found.get("coding")
+    if codings is not None:
+        out["coding"] = [x.copy() for x in codings]
+    if "text" in found:
+        out["text"] = found["text"]
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _cached_cwe(rep: str, comp: str) -> dict[str, Any] | None:
+    """:func:`_split_cwe`, shared: never handed out without a copy."""
+    return _split_cwe(rep, comp)
 
 
 def _peek(ctx: MappingContext, seg: Segment, n: int) -> str:
@@ -830,8 +882,26 @@ def _interpretation(ctx: MappingContext, rep: str) -> dict[str, Any] | None:
     if comp in rep or ctx.enc.escape in rep:
         c = Components(ctx, rep)
         value, display_sent, system = dt.code(c.text(1)), c.text(2), c.text(3).upper()
-    else:
-        value, display_sent, system = dt.code(rep), "", ""
+    else:  # a bare code (IS), nearly always one of a few: mapped once, copied
+        return _copy_concept(_cached_interpretation(rep, comp))
+    return _interpretation_of(ctx, rep, value, display_sent, system)
+
+
+@lru_cache(maxsize=256)
+def _cached_interpretation(rep: str, comp: str) -> dict[str, Any] | None:
+    """:func:`_interpretation` of a bare code (no component, no escape), shared:
+    never handed out without a copy."""
+    value = dt.code(rep)
+    if value:
+        return _interpretation_of(None, rep, value, "", "")
+    return _split_cwe(rep, comp) if rep else None
+
+
+def _interpretation_of(
+    ctx: MappingContext | None, rep: str, value: str, display_sent: str, system: str
+) -> dict[str, Any] | None:
+    """:func:`_interpretation` once OBX-8's code, display and system are read;
+    ``ctx`` None when the code has a value and no system (no CWE map needed)."""
     if value and system in ("", "HL70078"):
         display = INTERPRETATION_DISPLAY.get(value)
         if display is not None:
@@ -840,6 +910,7 @@ def _interpretation(ctx: MappingContext, rep: str) -> dict[str, Any] | None:
             }
         # Not in the FHIR code system: keep what was sent, as text.
         return {"text": display_sent or value}
+    assert ctx is not None  # only the uncached path (ctx given) gets here
     return _cwe(ctx, rep)
 
 
@@ -850,22 +921,60 @@ def _absent_reason(ctx: MappingContext, obx: Segment, status_code: str) -> dict[
     return dt.codeable_concept(ctx, obx.comps(32)) if obx.present(32) else None
 
 
-def _reference_range(text: str, units: Components) -> dict[str, Any] | None:
-    """OBX-7 → referenceRange: the text as sent, low/high when it reads as a range."""
+def _reference_range(
+    text: str,
+    unit_part: dict[str, str] | None,
+    ctx: MappingContext,
+    obx: Segment,
+    value_type: str,
+) -> dict[str, Any] | None:
+    """OBX-7 → referenceRange: the text as sent, low/high when it reads as a range.
+
+    ``unit_part`` is OBX-6 as :func:`_unit_part` maps it; None when it must be read
+    through :func:`dt.quantity` (units with escapes, subcomponents, repetitions)."""
     if not text:
         return None
     out: dict[str, Any] = {}
     m = _RANGE_RE.fullmatch(text)
     if m is not None:
-        out["low"] = dt.quantity(m.group(1), units, "OBX-7")
-        out["high"] = dt.quantity(m.group(2), units, "OBX-7")
+        if unit_part is not None:
+            out["low"] = {"value": dt.number(m.group(1), "OBX-7"), **unit_part}
+            out["high"] = {"value": dt.number(m.group(2), "OBX-7"), **unit_part}
+        else:
+            units = _units(ctx, obx, value_type)
+            out["low"] = dt.quantity(m.group(1), units, "OBX-7")
+            out["high"] = dt.quantity(m.group(2), units, "OBX-7")
     else:
         b = _BOUND_RE.fullmatch(text)
         if b is not None:
             side = "low" if b.group(1) in (">", ">=", "\u2265") else "high"
-            out[side] = dt.quantity(b.group(2), units, "OBX-7")
+            if unit_part is not None:
+                out[side] = {"value": dt.number(b.group(2), "OBX-7"), **unit_part}
+            else:
+                out[side] = dt.quantity(b.group(2), _units(ctx, obx, value_type), "OBX-7")
     out["text"] = text
     return out
+
+
+#: OBX-6 of a value type with no units, or empty.
+_NO_UNITS: Final[dict[str, str]] = {}
+
+
+def _units(ctx: MappingContext, obx: Segment, value_type: str) -> Components:
+    """OBX-6 as components (the general path; see :func:`_unit_part`)."""
+    if obx.present(6) and value_type in _UNIT_TYPES:
+        return obx.comps(6)
+    return Components(ctx, "")
+
+
+@lru_cache(maxsize=1024)
+def _unit_part(raw: str, comp: str) -> dict[str, str]:
+    """OBX-6 with no repetition, escape or subcomponent → the units of its
+    quantities (:func:`dt.unit_fields`), by value: a lab sends a few units over and
+    over. The dict is shared: callers copy it (``{"value": ..., **part}``)."""
+    parts = [p.strip() for p in raw.split(comp)[:3]]
+    parts += [""] * (3 - len(parts))
+    return dt.unit_fields(parts[0], parts[1], parts[2])
 
 
 #: OBX-15/16/23/24/25 already mapped in a message, by their content: the
@@ -1123,7 +1232,7 @@ def _map_order(ctx: MappingContext, group: _OrderGroup, n: int) -> None:
     if group_key is None:
         group_key = f"{ctx.event_id}/order/{n}"
 
-    code = _cwe(ctx, _first_rep(ctx, obr, 4)) or _unknown_code()
+    code = _cwe_code(ctx, _first_rep(ctx, obr, 4)) or _unknown_code()
     subject = {"reference": ctx.patient_ref} if ctx.patient_ref else None
     encounter = {"reference": ctx.encounter_ref} if ctx.encounter_ref else None
 
