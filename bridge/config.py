@@ -118,6 +118,9 @@ class Settings(BaseModel):
     """Message families (``ADT``), exact types (``ADT^A01``) or ``*`` for all."""
     dedupe_window_s: float = Field(default=3600.0, ge=0)
     """A resent message (same sender, same MSH-10) within this window is not published again."""
+    mapping_workers: int = Field(default=1, ge=0, le=64)
+    """Processes that map HL7 v2 to FHIR beside the event loop (0 = in it). The mapping
+    is CPU-bound Python: a worker keeps it from delaying other connections' ACKs."""
     strict_mapping: bool = False
     """Refuse (AE, to the DLQ) a message with content the FHIR mapping does not carry."""
     identifier_systems: dict[str, str] = Field(default_factory=dict)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.hl7v2.er7 import Hl7Message, patient_key
+import orjson
+
+from adapters.hl7v2.er7 import Hl7Message, parse_message, patient_key
 from bridge.dedupe import content_fingerprint
 from bridge.envelope import (
     HL7V2_ER7,
@@ -21,6 +23,7 @@ from bridge.envelope import (
     now_rfc3339,
 )
 from bridge.errors import UnmappedContent
+from bridge.kafka import Headers
 from bridge.normalize import MappingOptions, normalize
 
 RAW_TYPE = "org.hl7bridge.hl7v2.raw"
@@ -92,3 +95,56 @@ def hl7v2_event(
         bridge_instance=instance_id,
     )
     return Hl7v2Event(event=event, raw=raw, data=normalized.bundle, record_key=record_key)
+
+
+@dataclass(frozen=True, slots=True)
+class DescribedRecords:
+    """What the pipeline publishes for an accepted message, ready for Kafka:
+    the headers of the raw and the event record, their key, the event's FHIR JSON."""
+
+    event_headers: Headers
+    raw_headers: Headers
+    record_key: bytes
+    data: bytes
+
+
+def records_for(
+    message: Hl7Message,
+    fingerprint: bytes,
+    *,
+    instance_id: str | None,
+    mapping: MappingOptions,
+    strict_mapping: bool,
+) -> DescribedRecords:
+    """Map a parsed message and encode its event (the pipeline's in-process path)."""
+    described = hl7v2_event(
+        message,
+        instance_id=instance_id,
+        mapping=mapping,
+        strict_mapping=strict_mapping,
+        fingerprint=fingerprint,
+    )
+    return DescribedRecords(
+        event_headers=described.event.headers(),
+        raw_headers=described.raw.headers(),
+        record_key=described.record_key,
+        data=orjson.dumps(described.data),
+    )
+
+
+def describe_records(
+    payload: bytes,
+    fingerprint: bytes,
+    *,
+    instance_id: str | None,
+    mapping: MappingOptions,
+    strict_mapping: bool,
+) -> DescribedRecords:
+    """The same from the message bytes (what a mapping worker process receives)."""
+    return records_for(
+        parse_message(payload),
+        fingerprint,
+        instance_id=instance_id,
+        mapping=mapping,
+        strict_mapping=strict_mapping,
+    )

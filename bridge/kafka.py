@@ -114,6 +114,10 @@ class KafkaPublisher:
             # Keep a record's total time in aiokafka within our bound.
             retry_backoff_ms=100,
             max_request_size=16 * 1024 * 1024,
+            # One partition's batch per produce request: aiokafka's default of 16 KB
+            # holds a single FHIR event (an ORU with ten results is ~16 KB), which
+            # caps throughput at a few events per request round trip.
+            max_batch_size=1024 * 1024,
         )
         self._producer = producer
         try:

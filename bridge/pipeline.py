@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import orjson
-
 from adapters.hl7v2.ack import (
     AckError,
     ack_error_from,
@@ -52,7 +50,7 @@ from bridge.errors import (
     UnsupportedMessageType,
     describe_failure,
 )
-from bridge.events import hl7v2_event
+from bridge.events import DescribedRecords, records_for
 from bridge.kafka import Delivered, Headers, OutRecord, Topics
 from bridge.metrics import BridgeMetrics
 from bridge.normalize import MappingOptions
@@ -65,6 +63,12 @@ _TYPE_LABEL = re.compile(r"^[A-Z][A-Z0-9]{2}\^[A-Z0-9]{3}$")
 
 class Publisher(Protocol):
     async def publish(self, records: Sequence[OutRecord]) -> list[Delivered]: ...
+
+
+class Mapper(Protocol):
+    """Maps off the event loop (bridge.mapworker.MappingPool)."""
+
+    async def describe(self, payload: bytes, fingerprint: bytes) -> DescribedRecords: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +115,10 @@ class Hl7v2Pipeline:
         publisher: Publisher,
         dedupe: DuplicateFilter,
         metrics: BridgeMetrics,
+        mapper: Mapper | None = None,
     ) -> None:
         self._settings = settings
+        self._mapper = mapper
         self._publisher = publisher
         self._dedupe = dedupe
         self._metrics = metrics
@@ -185,7 +191,10 @@ class Hl7v2Pipeline:
         accepted: str | None = None
         try:
             try:
-                records = self._records(message, payload, fingerprint)
+                records = await self._records(message, payload, fingerprint)
+            except UnavailableError as exc:  # no mapping worker could answer: retry later
+                self._count_rejection(exc, header)
+                return self._ack(header, exc.ack_code, [ack_error_from(exc)])
             except BridgeError as exc:
                 return await self._reject(payload, header, exc)
             except Exception as exc:  # a mapping defect must not lose the message
@@ -233,24 +242,24 @@ class Hl7v2Pipeline:
 
     # --- records ------------------------------------------------------------------------
 
-    def _records(self, message: Hl7Message, payload: bytes, fingerprint: bytes) -> list[OutRecord]:
+    async def _records(
+        self, message: Hl7Message, payload: bytes, fingerprint: bytes
+    ) -> list[OutRecord]:
         settings = self._settings
-        described = hl7v2_event(
-            message,
-            instance_id=settings.instance_id,
-            mapping=settings.mapping,
-            strict_mapping=settings.strict_mapping,
-            fingerprint=fingerprint,
-        )
+        if self._mapper is not None:
+            described = await self._mapper.describe(payload, fingerprint)
+        else:
+            described = records_for(
+                message,
+                fingerprint,
+                instance_id=settings.instance_id,
+                mapping=settings.mapping,
+                strict_mapping=settings.strict_mapping,
+            )
         key = described.record_key
         return [
-            OutRecord(settings.topics.raw_hl7v2, payload, key, described.raw.headers()),
-            OutRecord(
-                settings.topics.events,
-                orjson.dumps(described.data),
-                key,
-                described.event.headers(),
-            ),
+            OutRecord(settings.topics.raw_hl7v2, payload, key, described.raw_headers),
+            OutRecord(settings.topics.events, described.data, key, described.event_headers),
         ]
 
     def _dlq_headers(self, header: MessageHeader | None, error: BridgeError) -> Headers:

@@ -4,7 +4,7 @@ The shutdown order is written here once (DESIGN.md, STYLE.md habit 4):
 
 1. stop accepting (MLLP listener closed; frames already received are finished
    and answered, bounded by ``drain_timeout_s``);
-2. stop the HTTP side;
+2. stop the HTTP side and the mapping worker processes;
 3. flush Kafka (everything answered AA has been acknowledged already; this
    only drains what is still in the producer);
 4. leave the cluster (member node deleted) and close the ZooKeeper session.
@@ -30,6 +30,7 @@ from bridge.coordination import Membership, ZooKeeperSession
 from bridge.dedupe import DuplicateFilter
 from bridge.errors import BridgeError, LifecycleError
 from bridge.kafka import KafkaPublisher, Topics, ensure_topics
+from bridge.mapworker import MappingPool, WorkerConfig
 from bridge.metrics import BridgeMetrics
 from bridge.pipeline import Hl7v2Pipeline, PipelineSettings
 from bridge.web import build_app
@@ -65,6 +66,19 @@ class BridgeInstance:
             linger_ms=settings.kafka_linger_ms,
             publish_timeout_s=settings.kafka_publish_timeout_s,
         )
+        self.mapping_pool = (
+            MappingPool(
+                settings.mapping_workers,
+                WorkerConfig(
+                    instance_id=settings.instance_id,
+                    identifier_systems=dict(settings.identifier_systems),
+                    default_timezone=settings.hl7_default_timezone,
+                    strict_mapping=settings.strict_mapping,
+                ),
+            )
+            if settings.mapping_workers
+            else None
+        )
         self.pipeline = Hl7v2Pipeline(
             PipelineSettings(
                 topics=self.topics,
@@ -79,6 +93,7 @@ class BridgeInstance:
                 window_s=settings.dedupe_window_s, max_entries=settings.dedupe_max_entries
             ),
             self.metrics,
+            mapper=self.mapping_pool,
         )
         self.mllp = MLLPServer(
             MLLPServerSettings(
@@ -139,6 +154,8 @@ class BridgeInstance:
                     partitions=self.settings.kafka_partitions,
                     replication_factor=self.settings.kafka_replication_factor,
                 )
+            if self.mapping_pool is not None:
+                await self.mapping_pool.start()
             await self.mllp.start()
             await self._start_http()
             await self.membership.join()
@@ -168,6 +185,7 @@ class BridgeInstance:
         steps = (
             ("mllp", self.mllp.stop),
             ("http", self._stop_http),
+            ("mapping workers", self._stop_mapping),
             ("kafka", self.publisher.stop),
             ("membership", self.membership.leave),
             ("zookeeper", self.zookeeper.stop),
@@ -203,6 +221,10 @@ class BridgeInstance:
         server = site._server  # aiohttp exposes no public accessor for the bound port
         sockets = getattr(server, "sockets", None) or []
         self._http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
+
+    async def _stop_mapping(self) -> None:
+        if self.mapping_pool is not None:
+            await self.mapping_pool.stop()
 
     async def _stop_http(self) -> None:
         if self._runner is not None:

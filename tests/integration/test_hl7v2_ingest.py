@@ -7,6 +7,7 @@ session's (or the test's own broker where it is stopped on purpose).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -359,3 +360,63 @@ async def test_mllp_over_tls_with_client_certificates(
     with pytest.raises((TimeoutError, ConnectionError, OSError)):
         async with MLLPClient("127.0.0.1", instance.mllp.port) as client:
             await client.send(_adt(control="PLAIN1"), timeout_s=3)
+
+
+async def test_mapping_workers_publish_what_the_event_loop_would(
+    start_instance: InstanceFactory, broker: Any, topic_prefix: str, corpus_dir: Path
+) -> None:
+    import signal
+
+    from bridge.events import records_for
+    from bridge.normalize import MappingOptions
+
+    instance = await start_instance(broker.bootstrap, mapping_workers=2)
+    assert instance.mapping_pool is not None and len(instance.mapping_pool.pids()) == 2
+    lab = _corpus_messages(corpus_dir)
+    lab_oru = next(m for name, m in lab if name == "LAB-ORU-1.hl7")
+    bad_date = _adt(control="BADDOB").replace(b"19800101", b"19801301")
+    acks = await _send_all(instance, [lab_oru, bad_date])
+    assert _msa(acks[0])[0] == "AA"
+    assert _msa(acks[1]) == ("AE", "BADDOB")  # the worker's DataTypeError, as in process
+    assert _err_code(acks[1]) == "102"
+
+    events = await read_topic(broker.bootstrap, f"{topic_prefix}.events", min_records=1)
+    [record] = events
+    message = parse_message(lab_oru)
+    local = records_for(
+        message,
+        content_fingerprint(message.text),
+        instance_id="it-1",
+        mapping=MappingOptions(),
+        strict_mapping=False,
+    )
+    published, expected = orjson.loads(record.value), orjson.loads(local.data)
+    published.pop("timestamp"), expected.pop("timestamp")
+    assert published == expected
+    assert _headers(record)["ce_id"] == dict(local.event_headers)["ce_id"]
+
+    # A worker killed hard is replaced; messages keep being answered.
+    before = set(instance.mapping_pool.pids())
+    os.kill(next(iter(before)), signal.SIGKILL)
+    answers = []
+    for i in range(20):
+        ack = (await _send_all(instance, [_adt(control=f"AFTER{i}")]))[0]
+        answers.append(_msa(ack)[0])
+        if answers[-1] == "AA" and len(set(instance.mapping_pool.pids()) - before) == 1:
+            break
+        await asyncio.sleep(0.2)
+    assert answers[-1] == "AA"
+    assert set(answers) <= {"AA", "AR"}  # never lost: at worst AR 207, and the sender retries
+    assert len(instance.mapping_pool.pids()) == 2
+    assert len(set(instance.mapping_pool.pids()) - before) == 1
+
+
+async def test_mapping_workers_stop_with_the_instance(
+    start_instance: InstanceFactory, broker: Any
+) -> None:
+    instance = await start_instance(broker.bootstrap, mapping_workers=1)
+    assert instance.mapping_pool is not None
+    [pid] = instance.mapping_pool.pids()
+    await instance.stop()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped: no such process any more
