@@ -31,7 +31,7 @@ def convert(*args: str | Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module", autouse=True)
 def _corpus() -> None:
     if not all(f.is_file() for f in FILES):
-        pytest.skip("the shared corpus is not present beside the repository")
+        pytest.fail("the shared corpus is not present beside the repository (../shared/corpus)")
 
 
 def test_corpus_files_convert_to_one_event_per_line() -> None:
