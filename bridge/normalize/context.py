@@ -91,8 +91,16 @@ class Segment:
 
     def each(self, n: int) -> list[Components]:
         """The components of every non-empty repetition of field ``n``."""
+        self.carried |= 1 << n
+        fields = self.fields
+        value = fields[n] if n < len(fields) else ""
+        if not value:
+            return []
         ctx = self._ctx
-        return [Components(ctx, r) for r in self.reps(n)]
+        sep = ctx.rep_sep
+        if sep not in value:  # one repetition, the common case: no comprehension
+            return [Components(ctx, value)]
+        return [Components(ctx, r) for r in value.split(sep) if r]
 
     def comps(self, n: int, rep: int = 0) -> Components:
         """The components of one repetition of field ``n``."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from contextvars import ContextVar
 from datetime import UTC, date, datetime, tzinfo
+from functools import lru_cache
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -159,6 +160,14 @@ def date_only(value: str, location: str) -> str | None:
     value = value.strip()
     if not value:
         return None
+    if len(value) == 8 and value.isascii() and value.isdigit():  # YYYYMMDD, the common case
+        try:
+            if int(value[:4]) < 1:
+                raise ValueError
+            date(int(value[:4]), int(value[4:6]), int(value[6:]))
+        except ValueError:
+            raise DataTypeError("not a valid calendar date or time", location=location) from None
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
     y, mo, d, *_ = _parse_ts(value, location)
     if mo is None:
         return y
@@ -274,9 +283,17 @@ def authority_system(
     ``urn:hl7bridge:authority:<namespace>``. None when the authority is empty.
     """
     ns = namespace.strip()
-    configured = ctx.options.identifier_systems.get(ns) if ns else None
-    if configured:
-        return configured
+    if ns:
+        configured = ctx.options.identifier_systems.get(ns)
+        if configured:
+            return configured
+    return _default_authority(ns, universal_id, id_type)
+
+
+@lru_cache(maxsize=4096)
+def _default_authority(ns: str, universal_id: str, id_type: str) -> str | None:
+    """:func:`authority_system` without the configured systems (a pure function of
+    the HD, cached: the same few authorities come in every message)."""
     kind = id_type.strip().upper()
     uid = universal_id.strip()
     if uid:
@@ -305,8 +322,14 @@ def identifier(ctx: MappingContext, c: Components) -> dict[str, Any] | None:
     type_code = t[4]
     if type_code:
         out["type"] = {"coding": [{"system": V2_0203, "code": code(type_code)}]}
-    namespace, universal_id, id_type = c.subs(4).texts(3)[:3]
-    system = authority_system(ctx, namespace, universal_id, id_type)
+    hd = c.part(4)
+    if not hd:
+        system = None
+    elif ctx.sub_sep in hd:
+        namespace, universal_id, id_type = c.subs(4).texts(3)[:3]
+        system = authority_system(ctx, namespace, universal_id, id_type)
+    else:  # a namespace alone, the common case: t[3] is it, decoded and stripped
+        system = authority_system(ctx, t[3])
     if system:
         out["system"] = system
     out["value"] = value
@@ -386,17 +409,20 @@ def human_name(c: Components, *, offset: int = 0) -> dict[str, Any] | None:
     family = t[o]
     if family:
         name["family"] = family
-    given = [g for g in (t[1 + o], t[2 + o]) if g]
-    if given:
-        name["given"] = given
+    # Plain tests, not comprehensions (each a frame of its own): every name and
+    # practitioner of a message comes here (hot path).
+    first, middle = t[1 + o], t[2 + o]
+    if first:
+        name["given"] = [first, middle] if middle else [first]
+    elif middle:
+        name["given"] = [middle]
     prefix = t[4 + o]
     if prefix:
         name["prefix"] = [prefix]
-    suffix = [s for s in (t[3 + o], t[5 + o]) if s]
-    if offset == 0 and t[13]:
-        suffix.append(t[13])
-    if suffix:
-        name["suffix"] = suffix
+    suffix, degree = t[3 + o], t[5 + o]
+    professional = t[13] if offset == 0 else ""
+    if suffix or degree or professional:
+        name["suffix"] = [x for x in (suffix, degree, professional) if x]
     if not name:
         return None
     use = NAME_USE.get(t[6 if offset == 0 else 9].upper())
@@ -409,7 +435,11 @@ def address(c: Components) -> dict[str, Any] | None:
     """XAD → Address (lines from XAD-1 subcomponents and XAD-2)."""
     out: dict[str, Any] = {}
     t = c.texts(9)  # t[i - 1] is component i
-    lines = [s for s in c.subs(1).texts(3)[:3] if s]
+    street = c.part(1)
+    if c._ctx.sub_sep in street:
+        lines = [s for s in c.subs(1).texts(3)[:3] if s]
+    else:  # no subcomponents, the common case: t[0] is XAD-1.1
+        lines = [t[0]] if t[0] else []
     if t[1]:
         lines.append(t[1])
     if lines:
@@ -566,6 +596,13 @@ def number(text: str, location: str) -> int | float:
     """An HL7 NM as a JSON number: decimal notation only (no exponent, NaN or inf);
     ``12`` stays an int, ``4.40`` the float 4.4; integers past 64 bits are refused."""
     value = text.strip()
+    # Unsigned ASCII digits with at most one point, nearly every result: no regex.
+    digits = value.replace(".", "", 1)
+    if digits.isdigit() and digits.isascii():
+        if len(digits) != len(value):
+            return float(value)
+        if len(value) < 19:  # below 10**18: within 64 bits
+            return int(value)
     if not _NUMBER_RE.fullmatch(value):
         raise DataTypeError("not a number", location=location)
     if "." in value:

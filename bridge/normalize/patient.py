@@ -42,7 +42,11 @@ a PID-30, PID-33 or PD1 value this module cannot carry is left unread too.
 from __future__ import annotations
 
 import re
-from typing import Any, Final
+from collections.abc import Callable
+from itertools import compress
+from typing import Any, Final, cast
+
+import orjson
 
 from adapters.hl7v2.er7 import Hl7Message, patient_identifiers, patient_key_from
 from bridge.errors import DataTypeError
@@ -157,13 +161,15 @@ def map_patient(ctx: MappingContext, pid: Segment, *, primary: bool = True) -> s
     reference = ctx.add(patient)
     pid.consume(1)  # set id
 
-    # Most PID fields are empty in most messages: look before parsing (hot path).
-    has = pid.present
-    found = _identifiers(ctx, pid)
+    # Most PID fields are empty in most messages: find the valued ones in one pass
+    # (C-speed) and call the mappers of those only (hot path).
+    fields = pid.fields
+    has = frozenset(compress(range(len(fields)), fields)).__contains__
+    found = _identifiers(ctx, pid, has)
     if found:
         patient["identifier"] = found
 
-    names = [x for c in pid.each(5) if (x := dt.human_name(c))]
+    names = [x for c in pid.each(5) if (x := dt.human_name(c))] if has(5) else []
     if has(9):
         names += [x for c in pid.each(9) if (x := dt.human_name(c))]
     if names:
@@ -173,7 +179,8 @@ def map_patient(ctx: MappingContext, pid: Segment, *, primary: bool = True) -> s
         telecom = [x for c in pid.each(13) if (x := dt.contact_point(c, "home"))]
         telecom += [x for c in pid.each(14) if (x := dt.contact_point(c, "work"))]
         # PID-40 (v2.7+, patient telecommunication information) carries its own use.
-        telecom += [x for c in pid.each(40) if (x := dt.contact_point(c)) and x not in telecom]
+        if has(40):
+            telecom += [x for c in pid.each(40) if (x := dt.contact_point(c)) and x not in telecom]
         if telecom:
             patient["telecom"] = telecom
 
@@ -191,12 +198,12 @@ def map_patient(ctx: MappingContext, pid: Segment, *, primary: bool = True) -> s
             patient["address"] = addresses
 
     if has(16):
-        marital = _marital_status(ctx, pid.comps(16))
+        marital = _coded(_marital_status, ctx, pid.comps(16))
         if marital:
             patient["maritalStatus"] = marital
 
     if has(15):
-        languages = [x for c in pid.each(15) if (x := language_concept(ctx, c))]
+        languages = [x for c in pid.each(15) if (x := _coded(language_concept, ctx, c))]
         if languages:
             patient["communication"] = [{"language": x, "preferred": True} for x in languages]
 
@@ -204,9 +211,10 @@ def map_patient(ctx: MappingContext, pid: Segment, *, primary: bool = True) -> s
         _deceased(ctx, pid, patient)
     if has(24) or has(25):
         _multiple_birth(pid, patient)
-    extensions = _extensions(ctx, pid)
-    if extensions:
-        patient["extension"] = extensions
+    if has(6) or has(10) or has(17) or has(22) or has(23):
+        extensions = _extensions(ctx, pid, has)
+        if extensions:
+            patient["extension"] = extensions
     if has(33):
         _last_updated(ctx, pid, patient)
 
@@ -247,6 +255,10 @@ def _mother(ctx: MappingContext, pid: Segment, patient_ref: str) -> None:
 # --- identity -------------------------------------------------------------------------
 
 
+#: ``ctx.memo`` key of the first PID's patient key.
+_FIRST_KEY: Final = "patient.first_key"
+
+
 def patient_key_of(ctx: MappingContext, pid: Segment) -> str | None:
     """The patient key (``authority|id`` of the first PID-3 id) of any PID.
 
@@ -254,8 +266,31 @@ def patient_key_of(ctx: MappingContext, pid: Segment) -> str | None:
     (the Kafka record key); later PIDs use the same rules.
     """
     if pid is ctx.first("PID"):
-        return patient_key_from(patient_identifiers(ctx.msg))
+        # Computed once per message (the framework's Patient, then the ADT groups).
+        memo = ctx.memo
+        if _FIRST_KEY in memo:
+            key: str | None = memo[_FIRST_KEY]
+            return key
+        key = memo[_FIRST_KEY] = _first_key(ctx, pid)
+        return key
     return key_from_cx_list(ctx, pid.fields[3] if len(pid.fields) > 3 else "")
+
+
+def _first_key(ctx: MappingContext, pid: Segment) -> str | None:
+    """:func:`adapters.hl7v2.er7.patient_key` of the message (``pid`` is its first
+    PID); a first PID-3 id with no escape and no subcomponent, nearly all of them,
+    is read here without decoding the other repetitions."""
+    fields = pid.fields
+    raw = fields[3] if len(fields) > 3 else ""
+    if not raw:
+        return None
+    first = raw.split(ctx.rep_sep, 1)[0]
+    if ctx.esc_char not in first and ctx.sub_sep not in first:
+        comps = first.split(ctx.comp_sep)
+        ident = comps[0]
+        if ident.strip():
+            return f"{comps[3] if len(comps) > 3 else ''}|{ident}"
+    return patient_key_from(patient_identifiers(ctx.msg))
 
 
 def key_from_cx_list(ctx: MappingContext, raw: str) -> str | None:
@@ -266,9 +301,11 @@ def key_from_cx_list(ctx: MappingContext, raw: str) -> str | None:
     return patient_key_from(patient_identifiers(probe))
 
 
-def _identifiers(ctx: MappingContext, pid: Segment) -> list[dict[str, Any]]:
-    has = pid.present
-    found = [x for c in pid.each(3) if (x := dt.identifier(ctx, c))]
+def _identifiers(
+    ctx: MappingContext, pid: Segment, has: Callable[[int], bool]
+) -> list[dict[str, Any]]:
+    """PID-3, 2, 4, 19, 20 → identifiers (``has(n)``: whether PID-n is valued)."""
+    found = [x for c in pid.each(3) if (x := dt.identifier(ctx, c))] if has(3) else []
     # PID-2 (external id) and PID-4 (alternate id) are retained in v2.3-2.5 messages.
     if has(2):
         found += [x for c in pid.each(2) if (x := dt.identifier(ctx, c))]
@@ -316,7 +353,7 @@ def _birth(ctx: MappingContext, pid: Segment, patient: dict[str, Any]) -> None:
 
 
 def _deceased(ctx: MappingContext, pid: Segment, patient: dict[str, Any]) -> None:
-    when = dt.date_time(pid.value(29), "PID-29")
+    when = dt.date_time(pid.value(29), "PID-29") if pid.present(29) else None
     if when:
         patient["deceasedDateTime"] = when
         if pid.present(30):
@@ -422,19 +459,18 @@ def bcp47_tag(code: str) -> str | None:
     return "-".join([primary, *rest])
 
 
-def _extensions(ctx: MappingContext, pid: Segment) -> list[dict[str, Any]]:
+def _extensions(
+    ctx: MappingContext, pid: Segment, has: Callable[[int], bool]
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    has = pid.present
     maiden = pid.comps(6).text(1) if has(6) else ""
     if maiden:
         out.append({"url": EXT_MOTHERS_MAIDEN_NAME, "valueString": maiden})
-    race = _omb_extension(pid.each(10), US_CORE_RACE, OMB_RACE, {}) if has(10) else None
+    race = _coded(_race, ctx, Components(ctx, pid.raw(10))) if has(10) else None
     if race:
         out.append(race)
     if has(22):
-        ethnicity = _omb_extension(
-            pid.each(22), US_CORE_ETHNICITY, OMB_ETHNICITY, ETHNIC_GROUP_0189
-        )
+        ethnicity = _coded(_ethnicity, ctx, Components(ctx, pid.raw(22)))
         if ethnicity:
             out.append(ethnicity)
     religion = dt.codeable_concept(ctx, pid.comps(17)) if has(17) else None
@@ -444,6 +480,18 @@ def _extensions(ctx: MappingContext, pid: Segment) -> list[dict[str, Any]]:
     if birth_place:
         out.append({"url": EXT_BIRTH_PLACE, "valueAddress": {"text": birth_place}})
     return out
+
+
+def _race(ctx: MappingContext, c: Components) -> dict[str, Any] | None:
+    """PID-10 (all repetitions: ``c`` is the whole field) → US Core race."""
+    reps = [Components(ctx, r) for r in c.raw.split(ctx.rep_sep) if r]
+    return _omb_extension(reps, US_CORE_RACE, OMB_RACE, {})
+
+
+def _ethnicity(ctx: MappingContext, c: Components) -> dict[str, Any] | None:
+    """PID-22 (all repetitions: ``c`` is the whole field) → US Core ethnicity."""
+    reps = [Components(ctx, r) for r in c.raw.split(ctx.rep_sep) if r]
+    return _omb_extension(reps, US_CORE_ETHNICITY, OMB_ETHNICITY, ETHNIC_GROUP_0189)
 
 
 def _omb_extension(
@@ -509,6 +557,34 @@ def _primary_care(ctx: MappingContext, pd1: Segment, patient: dict[str, Any]) ->
 
 
 # --- helpers --------------------------------------------------------------------------
+
+#: :func:`_coded` results (as JSON) by (mapper, raw value, component and
+#: subcomponent separators): the same few coded values (language, race) come in
+#: message after message. Bounded: cleared when full.
+_CODED: Final[dict[tuple[object, str, str, str], bytes | None]] = {}
+_CODED_MAX: Final = 4096
+
+
+def _coded(
+    mapper: Callable[[MappingContext, Components], dict[str, Any] | None],
+    ctx: MappingContext,
+    c: Components,
+) -> dict[str, Any] | None:
+    """``mapper(ctx, c)`` for a coded value, cached by the raw value (when it has no
+    escape, the result depends on nothing else); a fresh copy every time."""
+    raw = c.raw
+    if ctx.esc_char in raw:
+        return mapper(ctx, c)
+    key = (mapper, raw, ctx.comp_sep, ctx.sub_sep)
+    if key in _CODED:
+        found = _CODED[key]
+    else:
+        if len(_CODED) >= _CODED_MAX:
+            _CODED.clear()
+        value = mapper(ctx, c)
+        # Kept as JSON: loading it is a fresh copy in one C call.
+        found = _CODED[key] = None if value is None else orjson.dumps(value)
+    return None if found is None else cast(dict[str, Any], orjson.loads(found))
 
 
 def _peek(seg: Segment, n: int) -> str:

@@ -65,6 +65,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from functools import lru_cache
+from itertools import compress
 from typing import Any, Final
 
 from bridge.errors import DataTypeError, SegmentSequenceError, TableValueNotFound
@@ -615,12 +616,11 @@ def _copy_concept(found: dict[str, Any] | None) -> dict[str, Any] | None:
     """A fresh copy of a cached CodeableConcept (``coding`` and ``text`` only)."""
     if found is None:
         return None
-    out: dict[str, Any] = {}
-    codings = found.get("coding")
+    out = found.copy()  # the cached maps hold "coding" and "text" only
+    codings = out.get("coding")
     if codings is not None:
-        out["coding"] = [x.copy() for x in codings]
-    if "text" in found:
-        out["text"] = found["text"]
+        # One coding, the common case: no comprehension (a frame of its own).
+        out["coding"] = [codings[0].copy()] if len(codings) == 1 else [x.copy() for x in codings]
     return out
 
 
@@ -1213,7 +1213,7 @@ def map_oru(ctx: MappingContext) -> None:
 
 def _map_order(ctx: MappingContext, group: _OrderGroup, n: int) -> None:
     orc, obr = group.orc, group.obr
-    obr.consume(1)
+    obr.carried |= 1 << 1  # set id
     if orc is not None and _plain(ctx, orc.fields[1] if len(orc.fields) > 1 else "") == "RE":
         orc.consume(1)  # order control RE, "observations to follow": the message itself
 
@@ -1257,12 +1257,13 @@ def _map_order(ctx: MappingContext, group: _OrderGroup, n: int) -> None:
     effective, period = _obr_effective(ctx, obr)
     results: list[dict[str, str]] = []
     supporting: list[dict[str, str]] = []
+    based_on = [request_ref]  # read, never kept, by observation_from_obx: one list
     for obx, notes in group.observations:
         ref = observation_from_obx(
             ctx,
             obx,
             key_prefix=group_key,
-            based_on=[request_ref],
+            based_on=based_on,
             notes=notes,
             specimen=first_specimen,
             default_effective=effective,
@@ -1275,7 +1276,7 @@ def _map_order(ctx: MappingContext, group: _OrderGroup, n: int) -> None:
                 ctx,
                 obx,
                 key_prefix=f"{group_key}|SPM|{s}",
-                based_on=[request_ref],
+                based_on=based_on,
                 notes=notes,
                 specimen=specimen_refs[s],
                 focus=specimen_refs[s],
@@ -1525,8 +1526,9 @@ def _requester(ctx: MappingContext, orc: Segment | None, obr: Segment) -> str | 
 
 def _concept(ctx: MappingContext, rep: str, default_system: str) -> dict[str, Any] | None:
     """CWE → CodeableConcept; a code sent without a coding system is from the v2
-    table the field is bound to (``default_system``)."""
-    concept = _cwe(ctx, rep)
+    table the field is bound to (``default_system``). A fresh copy of the cached
+    map (:func:`_cwe_code`): specimen types and the like repeat in every message."""
+    concept = _cwe_code(ctx, rep)
     if concept is None or "coding" not in concept:
         return concept
     first = concept["coding"][0]
@@ -1559,22 +1561,36 @@ def _specimen_from_spm(ctx: MappingContext, spm: Segment, event_key: str) -> str
 
 
 def _map_spm(ctx: MappingContext, spm: Segment, event_key: str) -> str:
-    has = spm.present
-    spm.consume(1)
+    fields = spm.fields
+    # The valued fields, found in one pass (C-speed): most SPM fields are empty.
+    has = frozenset(compress(range(len(fields)), fields)).__contains__
+    spm.carried |= 1 << 1
     specimen: dict[str, Any] = {"resourceType": "Specimen"}
     identifiers = []
     if has(2):
         eip = spm.comps(2)
+        sub = ctx.sub_sep
         for part, type_code in ((1, "PLAC"), (2, "FILL")):
-            found = dt.entity_identifier(ctx, eip.subs(part), type_code)
+            raw = eip.part(part)
+            if not raw:
+                continue
+            found = (
+                dt.entity_identifier(ctx, eip.subs(part), type_code)
+                if sub in raw
+                else _entity_identifier(ctx, raw, type_code)  # a bare number
+            )
             if found:
                 identifiers.append(found)
     if has(31):
         identifiers += [x for c in spm.each(31) if (x := dt.identifier(ctx, c))]
     # The same key as the orders family's: one specimen, one id, whatever message.
-    key = "|".join(
-        f"{x.get('system', ctx.msg.header.sender_key)}|{x['value']}" for x in identifiers
-    )
+    if len(identifiers) == 1:  # the common case: no generator
+        x = identifiers[0]
+        key = f"{x.get('system', ctx.msg.header.sender_key)}|{x['value']}"
+    else:
+        key = "|".join(
+            f"{x.get('system', ctx.msg.header.sender_key)}|{x['value']}" for x in identifiers
+        )
     specimen["id"] = uuid5_str(f"Specimen|{key or event_key}")
     if identifiers:
         specimen["identifier"] = identifiers
@@ -1582,23 +1598,27 @@ def _map_spm(ctx: MappingContext, spm: Segment, event_key: str) -> str:
         accession = dt.identifier(ctx, spm.comps(30))
         if accession:
             specimen["accessionIdentifier"] = accession
-    available = _first(ctx, spm, 20).upper()
-    if available in ("Y", "N"):
-        specimen["status"] = "available" if available == "Y" else "unavailable"
-    kind = _concept(ctx, _first_rep(ctx, spm, 4), f"{_V2}0487")
-    if kind:
-        specimen["type"] = kind
+    if has(20):
+        available = _first(ctx, spm, 20).upper()
+        if available in ("Y", "N"):
+            specimen["status"] = "available" if available == "Y" else "unavailable"
+    if has(4):
+        kind = _concept(ctx, _first_rep(ctx, spm, 4), f"{_V2}0487")
+        if kind:
+            specimen["type"] = kind
     if ctx.patient_ref:
         specimen["subject"] = {"reference": ctx.patient_ref}
-    received = _date_time(ctx, _first(ctx, spm, 18), "SPM-18")
-    if received:
-        specimen["receivedTime"] = received
+    if has(18):
+        received = _date_time(ctx, _first(ctx, spm, 18), "SPM-18")
+        if received:
+            specimen["receivedTime"] = received
 
     collection: dict[str, Any] = {}
     if has(17):
         collected = spm.comps(17)
-        start = _date_time(ctx, collected.subs(1).text(1), "SPM-17.1")
-        end = _date_time(ctx, collected.subs(2).text(1), "SPM-17.2")
+        # text(i) is the first subcomponent of component i (DR: TS^TS, TS = DTM&...).
+        start = _date_time(ctx, collected.text(1), "SPM-17.1")
+        end = _date_time(ctx, collected.text(2), "SPM-17.2")
         if end:
             collection["collectedPeriod"] = {"start": start, "end": end} if start else {"end": end}
         elif start:
@@ -1607,24 +1627,27 @@ def _map_spm(ctx: MappingContext, spm: Segment, event_key: str) -> str:
         amount = spm.comps(12)
         if amount.text(1):
             collection["quantity"] = dt.quantity(amount.text(1), amount.subs(2), "SPM-12")
-    method = _concept(ctx, _first_rep(ctx, spm, 7), f"{_V2}0488")
-    if method:
-        collection["method"] = method
-    site = _cwe(ctx, _first_rep(ctx, spm, 8))
-    if site:
-        collection["bodySite"] = site
+    if has(7):
+        method = _concept(ctx, _first_rep(ctx, spm, 7), f"{_V2}0488")
+        if method:
+            collection["method"] = method
+    if has(8):
+        site = _cwe(ctx, _first_rep(ctx, spm, 8))
+        if site:
+            collection["bodySite"] = site
     if collection:
         specimen["collection"] = collection
 
-    container: dict[str, Any] = {}
-    container_type = _cwe(ctx, _first_rep(ctx, spm, 27))
-    if container_type:
-        container["type"] = container_type
-    additive = _concept(ctx, _first_rep(ctx, spm, 6), f"{_V2}0371")
-    if additive:
-        container["additiveCodeableConcept"] = additive
-    if container:
-        specimen["container"] = [container]
+    if has(27) or has(6):
+        container: dict[str, Any] = {}
+        container_type = _cwe(ctx, _first_rep(ctx, spm, 27))
+        if container_type:
+            container["type"] = container_type
+        additive = _concept(ctx, _first_rep(ctx, spm, 6), f"{_V2}0371")
+        if additive:
+            container["additiveCodeableConcept"] = additive
+        if container:
+            specimen["container"] = [container]
     if has(24):
         conditions = [x for r in spm.reps(24) if (x := _concept(ctx, r, f"{_V2}0493"))]
         if conditions:
@@ -1646,7 +1669,8 @@ def _specimen_from_obr(
 ) -> str | None:
     """OBR-9/10/14/15/39 (IG OBR[Specimen]): a Specimen of their own when the group
     has no SPM (v2.3); otherwise what they add to the first SPM's Specimen."""
-    has = obr.present
+    fields = obr.fields
+    has = frozenset(compress(range(len(fields)), fields)).__contains__
     if not (has(9) or has(10) or has(14) or has(15) or has(39)):
         return None
     target: dict[str, Any]
