@@ -50,7 +50,7 @@ from bridge.errors import DataTypeError
 from bridge.normalize import datatypes as dt
 from bridge.normalize.bundle import register
 from bridge.normalize.context import Components, MappingContext, Segment
-from bridge.normalize.families.oru import observation_from_obx
+from bridge.normalize.families.oru import observation_from_obx, with_ordering_facility
 from bridge.normalize.ids import uuid5_str
 
 REQUEST_STATUS_EXTENSION: Final = "http://hl7.org/fhir/StructureDefinition/request-statusReason"
@@ -446,32 +446,7 @@ def _requester(ctx: MappingContext, orc: Segment | None, obr: Segment | None) ->
         addresses = [a for c in orc.each(24) if (a := dt.address(c))]
         if found is not None and addresses:
             found.setdefault("address", addresses)
-
-    organization = None
-    if orc is not None and orc.present(21):
-        organization = dt.organization(ctx, orc.comps(21))
-        found = ctx.get(organization) if organization else None
-        if found is not None:
-            addresses = [a for c in orc.each(22) if (a := dt.address(c))]
-            telecom = [t for c in orc.each(23) if (t := dt.contact_point(c, "work"))]
-            if addresses:
-                found.setdefault("address", addresses)
-            if telecom:
-                found.setdefault("telecom", telecom)
-    if organization is None or practitioner is None:
-        return practitioner or organization
-    role_id = uuid5_str(
-        f"PractitionerRole|{practitioner.removeprefix('urn:uuid:')}|"
-        f"{organization.removeprefix('urn:uuid:')}"
-    )
-    return ctx.add(
-        {
-            "resourceType": "PractitionerRole",
-            "id": role_id,
-            "practitioner": {"reference": practitioner},
-            "organization": {"reference": organization},
-        }
-    )
+    return with_ordering_facility(ctx, orc, practitioner) if orc is not None else practitioner
 
 
 def _order_extras(ctx: MappingContext, orc: Segment, sr: dict[str, Any]) -> None:

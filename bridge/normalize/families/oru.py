@@ -1494,7 +1494,16 @@ def _requester(ctx: MappingContext, orc: Segment | None, obr: Segment) -> str | 
         practitioner = _practitioner(ctx, _first_rep(ctx, orc, 12))
     else:
         practitioner = _practitioner(ctx, _first_rep(ctx, obr, 16))
-    if orc is None or not orc.present(21):
+    return with_ordering_facility(ctx, orc, practitioner) if orc is not None else practitioner
+
+
+def with_ordering_facility(
+    ctx: MappingContext, orc: Segment, practitioner: str | None
+) -> str | None:
+    """The requester once ORC-21 (ordering facility; ORC-22 address, ORC-23 phone) is
+    known: a PractitionerRole joining the provider and the Organization, the
+    Organization alone, or the provider alone (IG ORC[ServiceRequest])."""
+    if not orc.present(21):
         return practitioner
     organization = dt.organization(ctx, orc.comps(21))
     found = ctx.get(organization) if organization else None
