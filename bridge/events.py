@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from adapters.hl7v2.er7 import Hl7Message, parse_message, patient_key
+from adapters.hl7v2.er7 import Hl7Message, parse_message
 from bridge.dedupe import content_fingerprint
 from bridge.envelope import (
     HL7V2_ER7,
@@ -65,7 +65,7 @@ def hl7v2_event(
             + ", ".join(normalized.unmapped[:20])
         )
     subject = None if normalized.patient_id is None else f"Patient/{normalized.patient_id}"
-    key_text = patient_key(message)
+    key_text = normalized.patient_key  # computed once, while mapping the Patient
     # Without a patient, order per sender instead of per patient.
     record_key = (key_text if key_text is not None else f"sender|{header.sender_key}").encode()
     received = now_rfc3339()

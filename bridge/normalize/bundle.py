@@ -26,7 +26,7 @@ from adapters.hl7v2.er7 import Hl7Message
 from . import datatypes as dt
 from .context import MappingContext, MappingOptions
 from .ids import uuid5_str
-from .patient import map_patient
+from .patient import map_patient, patient_key_of
 
 V2_0003: Final = "http://terminology.hl7.org/CodeSystem/v2-0003"
 V2_0076: Final = "http://terminology.hl7.org/CodeSystem/v2-0076"
@@ -62,6 +62,8 @@ class Normalized:
     bundle: dict[str, Any]
     unmapped: tuple[str, ...]
     patient_id: str | None
+    #: The patient key (``authority|id`` of the first PID-3 id): the Kafka record key.
+    patient_key: str | None = None
 
 
 def normalize(
@@ -124,7 +126,8 @@ def _normalize(msg: Hl7Message, event_id: str, source: str, options: MappingOpti
     bundle = _bundle(ctx, source)
     bundle["entry"] = [entries_header, *ctx.entries]
     patient = ctx.get(ctx.patient_ref) if ctx.patient_ref else None
-    return Normalized(bundle, unmapped, patient["id"] if patient else None)
+    key = patient_key_of(ctx, pid) if pid is not None else None
+    return Normalized(bundle, unmapped, patient["id"] if patient else None, key)
 
 
 def to_fhir_bundle(

@@ -247,6 +247,11 @@ def codeable_concept(ctx: MappingContext, c: Components) -> dict[str, Any] | Non
                 break
     if not text and not codings:
         text = t[1] or t[0]
+    return concept(codings, text)
+
+
+def concept(codings: list[dict[str, Any]], text: str) -> dict[str, Any] | None:
+    """A CodeableConcept of the codings and text that exist; None when neither does."""
     if not codings and not text:
         return None
     out: dict[str, Any] = {}

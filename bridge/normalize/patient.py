@@ -433,14 +433,7 @@ def language_concept(ctx: MappingContext, c: Components) -> dict[str, Any] | Non
         if found:
             codings.append(found)
     text = c.text(9) or next((x["display"] for x in codings if "display" in x), "")
-    if not codings and not text:
-        return None
-    out: dict[str, Any] = {}
-    if codings:
-        out["coding"] = codings
-    if text:
-        out["text"] = text
-    return out
+    return dt.concept(codings, text)
 
 
 def bcp47_tag(code: str) -> str | None:

@@ -740,14 +740,7 @@ def _relationship(ctx: MappingContext, c: Components) -> dict[str, Any] | None:
         if coding is not None and "code" in coding and coding not in codings:
             codings.append(coding)
     text = t[8] or t[1]
-    if not codings and not text:
-        return None
-    out: dict[str, Any] = {}
-    if codings:
-        out["coding"] = codings
-    if text:
-        out["text"] = text
-    return out
+    return dt.concept(codings, text)
 
 
 def _relationship_coding(code: str) -> dict[str, Any] | None:

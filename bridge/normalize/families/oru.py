@@ -591,14 +591,7 @@ def _split_cwe(rep: str, comp: str) -> dict[str, Any] | None:
         else:
             if not codings:
                 text = (parts[1].strip() if n > 1 else "") or parts[0].strip()
-                if not text:
-                    return None
-    out: dict[str, Any] = {}
-    if codings:
-        out["coding"] = codings
-    if text:
-        out["text"] = text
-    return out
+    return dt.concept(codings, text)
 
 
 def _cwe_code(ctx: MappingContext, rep: str) -> dict[str, Any] | None:
