@@ -985,16 +985,6 @@ PATTERNS: tuple[Pattern, ...] = (
         ),
     ),
     Pattern(
-        "gt1-as-related-person",
-        "RelatedPerson",
-        "*",
-        "undecidable",
-        "Microsoft makes a RelatedPerson of the GT1 guarantor; the IG STU1 has no GT1 map "
-        "(GT1 is 'under construction' in its segment inventory).",
-        ig("segment-nk1-to-relatedperson"),
-        all_of(missing, their_family_name_from("GT1-3")),
-    ),
-    Pattern(
         "patient-data-from-unmapped-segments",
         "*",
         "*",
@@ -1002,7 +992,9 @@ PATTERNS: tuple[Pattern, ...] = (
         "Microsoft adds to the Patient identifiers, phones and addresses found in GT1 (a "
         "guarantor who is the patient), IN2 (Medicare, Medicaid, military ids) and DB1. The IG "
         "STU1 has no map for these segments (GT1 and IN2 are 'under construction' in its "
-        "segment inventory); we carry them nowhere yet (they are in hl7unmapped).",
+        "segment inventory). We make a self guarantor the Account's guarantor party (the "
+        "Patient) and keep PID as the Patient's only source: GT1's copy of the patient's "
+        "details, DB1 and the rest of IN2 are listed in hl7unmapped.",
         ig("segment-pid-to-patient"),
         theirs_extra_from(*NOT_IN_IG),
     ),
@@ -1024,6 +1016,17 @@ PATTERNS: tuple[Pattern, ...] = (
         "Microsoft makes a Condition of PDA-1 (death cause code); the IG STU1 has no PDA map.",
         ig("segment-dg1-to-condition"),
         all_of(missing, their_code_from("code", "PDA-1")),
+    ),
+    Pattern(
+        "blg-billing-account",
+        "Account",
+        "*",
+        "undecidable",
+        "Microsoft makes an Account of BLG-3 (the account an order is to be charged to); the "
+        "IG STU1 has no BLG map (its Account maps are PID[Account] and MRG[Account]). We "
+        "leave BLG to hl7unmapped.",
+        ig("segment-pid-to-account"),
+        all_of(missing, their_identifier_from("BLG-3.1")),
     ),
     Pattern(
         "rf1-referral-request",
@@ -1270,6 +1273,17 @@ OURS_ONLY_PATTERNS: tuple[Pattern, ...] = (
         "(MRG-3/5/6) besides the PV1 visit; Microsoft makes only the PV1 one. The IG's MRG "
         "map carries the prior identifiers but does not say whether a second Encounter is made.",
         ig("segment-mrg-to-patient"),
+        has_segment("MRG"),
+    ),
+    Pattern(
+        "merge-group-account",
+        "Account",
+        "(resource)",
+        "undecidable",
+        "A message with several patient groups (merges A40, A41, A45, A47): we make the "
+        "Account of each group's PID-18 (the IG's PID[Account] map, applied to every PID); "
+        "Microsoft makes the first group's only. The IG's merge message maps do not say.",
+        ig("segment-pid-to-account"),
         has_segment("MRG"),
     ),
     Pattern(

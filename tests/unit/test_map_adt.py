@@ -607,6 +607,87 @@ def test_pr1_procedure() -> None:
     assert proc["subject"] == {"reference": PATIENT_REF}
 
 
+# --- PID-18 / GT1 → Account ------------------------------------------------------------------
+
+
+def test_pid_18_is_the_account_of_the_patient() -> None:
+    pid = PID + "||||||||||ACC-77^^^HOSP^AN"
+    result = run("A01", pid, pv1())
+    acct = one(result, "Account")
+    assert acct["status"] == "active"
+    system = "urn:hl7bridge:authority:HOSP"
+    assert acct["identifier"] == [
+        {"type": {"coding": [{"system": V2_0203, "code": "AN"}]}, "system": system,
+         "value": "ACC-77"}
+    ]  # fmt: skip
+    assert acct["subject"] == [{"reference": PATIENT_REF}]
+    # The same id in every message about the account.
+    assert acct["id"] == uuid5_str(f"Account|{system}|ACC-77")
+    assert "guarantor" not in acct
+    assert "PID-18" not in result.unmapped
+
+
+def test_gt1_person_guarantor_is_a_related_person_on_the_account() -> None:
+    pid = PID + "||||||||||ACC-77^^^HOSP"
+    gt1 = seg("GT1", f1="1", f2="G-9^^^HOSP", f3="DOE^JOHN^Q", f4="DOE^MARY",
+              f5="1 Main St^^Madison^WI^53703", f6="(608)555-1212", f7="(608)555-3434",
+              f8="19700305", f9="M", f11="FTH^Father^HL70063", f12="123-45-6789",
+              f13="20240101", f14="20241231", f16="ACME CORP", f22="N")  # fmt: skip
+    result = run("A04", pid, pv1(), gt1)
+    acct = one(result, "Account")
+    [guarantor] = acct["guarantor"]
+    assert guarantor["onHold"] is False
+    assert guarantor["period"] == {"start": "2024-01-01", "end": "2024-12-31"}
+    person = get(result, guarantor["party"]["reference"])
+    assert person["resourceType"] == "RelatedPerson"
+    assert person["patient"] == {"reference": PATIENT_REF}
+    assert person["name"] == [{"family": "DOE", "given": ["JOHN", "Q"]}]
+    assert person["identifier"] == [
+        {"system": "urn:hl7bridge:authority:HOSP", "value": "G-9"},
+        {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "123-45-6789"},
+    ]
+    assert [(t["use"], t["value"]) for t in person["telecom"]] == [
+        ("home", "(608)555-1212"),
+        ("work", "(608)555-3434"),
+    ]
+    assert person["birthDate"] == "1970-03-05"
+    assert person["gender"] == "male"
+    assert person["address"][0]["city"] == "Madison"
+    assert person["relationship"][0]["coding"][0] == {
+        "system": V3_ROLE_CODE, "code": "FTH", "display": "father"
+    }  # fmt: skip
+    # Spouse name and employer are not carried: they are reported.
+    assert {"GT1-4", "GT1-16"} <= set(result.unmapped)
+    assert "GT1-3" not in result.unmapped
+
+
+def test_gt1_self_guarantor_is_the_patient_and_its_person_fields_are_reported() -> None:
+    gt1 = seg("GT1", f1="1", f3="DOE^JANE", f6="(608)555-1212", f11="SEL^Self^HL70063", f22="Y")
+    result = run("A01", PID, pv1(), gt1)
+    acct = one(result, "Account")
+    assert "identifier" not in acct  # no PID-18: an Account of this event only
+    assert acct["guarantor"] == [{"party": {"reference": PATIENT_REF}, "onHold": True}]
+    assert of_type(result, "RelatedPerson") == []
+    assert {"GT1-3", "GT1-6"} <= set(result.unmapped)
+    assert "GT1-11" not in result.unmapped
+
+
+def test_gt1_organization_guarantor() -> None:
+    gt1 = seg("GT1", f1="1", f21="Acme Employer Trust^^4455")
+    result = run("A01", PID, pv1(), gt1)
+    party = get(result, one(result, "Account")["guarantor"][0]["party"]["reference"])
+    assert party["resourceType"] == "Organization"
+    assert party["name"] == "Acme Employer Trust"
+
+
+def test_two_guarantors_join_one_account() -> None:
+    g1 = seg("GT1", f1="1", f3="DOE^JOHN", f11="FTH")
+    g2 = seg("GT1", f1="2", f3="DOE^MARY", f11="MTH")
+    result = run("A01", PID, pv1(), g1, g2)
+    parties = [get(result, g["party"]["reference"]) for g in one(result, "Account")["guarantor"]]
+    assert [p["name"][0]["given"] for p in parties] == [["JOHN"], ["MARY"]]
+
+
 # --- IN1/IN2 → Coverage -----------------------------------------------------------------------
 
 
@@ -831,10 +912,15 @@ def test_z_segment_is_listed_in_unmapped_and_never_an_error() -> None:
 
 
 def test_segments_not_mapped_are_reported_whole() -> None:
-    gt1 = "GT1|1|1516|RADIANT^LUCY"
     rol = "ROL|1|AD|PP^Primary Care Provider^HL70443|12377^Smith^John"
-    result = run("A01", PID, rol, pv1(), gt1, "ACC|20140317")
-    assert {"ROL", "GT1", "ACC"} <= set(result.unmapped)
+    result = run("A01", PID, rol, pv1(), "DB1|1|PT|DIS-9", "ACC|20140317")
+    assert {"ROL", "DB1", "ACC"} <= set(result.unmapped)
+
+
+def test_a_guarantor_segment_naming_nobody_is_reported_whole() -> None:
+    result = run("A01", PID, pv1(), "GT1|1|1516")
+    assert "GT1" in result.unmapped
+    assert of_type(result, "Account") == []
 
 
 def test_resources_that_need_a_patient_are_not_made_without_one() -> None:

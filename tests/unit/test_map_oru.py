@@ -433,6 +433,18 @@ def test_interpretation_cwe_from_v28_and_local_code() -> None:
     assert unknown["interpretation"] == [{"text": "ZZ"}]
 
 
+def test_interpretation_named_by_the_hl7nnnn_placeholder_is_table_0078() -> None:
+    o = single_obx(
+        obx(1, "NM", "2823-3^Potassium^LN", "7.1", f8="LL^Panic low^HL7nnnn~B^Better^HLX"),
+        msh=MSH_28,
+    )
+    assert o["interpretation"][0] == {
+        "coding": [{"system": INTERPRETATION_SYSTEM, "code": "LL", "display": "Critical low"}]
+    }
+    # A coding system that names something else stays that system's code.
+    assert o["interpretation"][1]["coding"][0]["system"] == "urn:hl7bridge:codesystem:HLX"
+
+
 @pytest.mark.parametrize(
     ("code", "status", "kept"),
     [

@@ -433,8 +433,12 @@ def test_v23_pid_with_every_element_and_latin1() -> None:
         "url": EXT_BIRTH_PLACE,
         "valueAddress": {"text": "Köln"},
     }
-    assert "PID-18" in result.unmapped  # the account number is not a Patient element
-    for n in (10, 15, 16, 17, 19, 22, 23, 24, 25, 30):
+    # The account number is not a Patient element: it is the Account's identifier.
+    [account] = [e["resource"] for e in result.bundle["entry"]
+                 if e["resource"]["resourceType"] == "Account"]  # fmt: skip
+    assert account["subject"] == [{"reference": f"urn:uuid:{patient['id']}"}]
+    assert [i["value"] for i in account["identifier"]] == ["A-9"]
+    for n in (10, 15, 16, 17, 18, 19, 22, 23, 24, 25, 30):
         assert f"PID-{n}" not in result.unmapped
 
 

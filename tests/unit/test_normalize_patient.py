@@ -338,10 +338,10 @@ def test_timestamp_without_seconds_and_offset_is_now(msh7: str) -> None:
 def test_unmapped_lists_untouched_segments_and_unread_fields() -> None:
     # ZZZ^Z01 has no family mapper: everything but MSH and the first PID is reported.
     msh = MSH_251.replace("ADT^A01^ADT_A01", "ZZZ^Z01")
-    pid = "PID|1||1||DOE^J" + "|" * 13 + "A123"  # PID-18: patient account number
+    pid = "PID|1||1||DOE^J" + "|" * 22 + "A123"  # PID-27: veterans military status
     msg = parse_message("\r".join((msh, "EVN|A17", pid, "ZPI|1|x", "PID|2||2")).encode())
     result = normalize(msg, event_id="e", source=SOURCE)
-    assert result.unmapped == ("EVN", "PID-18", "ZPI", "PID")
+    assert result.unmapped == ("EVN", "PID-27", "ZPI", "PID")
     header = result.bundle["entry"][0]["resource"]
     assert [e["valueString"] for e in header["extension"]] == list(result.unmapped)
 

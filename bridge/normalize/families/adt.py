@@ -1,5 +1,6 @@
 """ADT (A01-A62) → Encounter, RelatedPerson, AllergyIntolerance, Condition, Procedure,
-Coverage, Observation and Provenance; patient merges (A40 …) → ``Patient.link``.
+Coverage, Account (PID-18, GT1 guarantors), Observation and Provenance; patient merges
+(A40 …) → ``Patient.link``.
 
 Follows the v2-to-FHIR IG's segment maps (PV1/PV2[Encounter], NK1[RelatedPerson],
 AL1[AllergyIntolerance], IAM[AllergyIntolerance], DG1[Condition], PR1[Procedure], IN1[Coverage],
@@ -32,11 +33,11 @@ one visit updates one Encounter. AllergyIntolerance: patient and allergen code.
 Condition (DG1-20), Procedure (PR1-19): their identifiers. Coverage: patient,
 payor and policy number. Otherwise ids are scoped to the event.
 
-Not mapped (reported in ``unmapped``): GT1, ROL, ACC, ARV, DB1, PDA, RF1, UB1,
-UB2, NTE, PRT; PV1-20…35, PV1-39…41,
-PV1-46…49, PV1-51, PV1-53/54; most of PV2, IN1 and IN2; MRG-3 (accounts are not
-mapped, PID-18 neither); MRG-1 of an event that is not a patient merge when it
-names another patient than PID-3.
+Not mapped (reported in ``unmapped``): ROL, ACC, ARV, DB1, PDA, RF1, UB1,
+UB2, NTE, PRT; PV1-20…35, PV1-39…41, PV1-46…49, PV1-51, PV1-53/54; most of PV2, IN1,
+IN2 and GT1 (a SEL guarantor's own fields; spouse, employer, financial details); MRG-3
+(the prior account); MRG-1 of an event that is not a patient merge when it names
+another patient than PID-3.
 """
 
 from __future__ import annotations
@@ -283,6 +284,7 @@ class _Group:
     encounter_ref: str | None = None
     mrg: Segment | None = None
     coverage: dict[str, Any] | None = None
+    account: dict[str, Any] | None = None
 
 
 @register("ADT")
@@ -309,6 +311,8 @@ def map_adt(ctx: MappingContext) -> None:
                 )
             if group.patient_ref:
                 targets.append(group.patient_ref)
+                if seg.present(18):
+                    account(ctx, group, seg)
         elif name == "MRG":
             _merge(ctx, group, seg)
         elif name == "PV1":
@@ -331,8 +335,8 @@ def map_adt(ctx: MappingContext) -> None:
         _provenance(ctx, evn, event, targets)
 
 
-#: The patient-level segments (NK1, AL1, IAM, DG1, PR1, IN1/IN2) of a patient group.
-_PATIENT_LEVEL: Final = frozenset({"NK1", "AL1", "IAM", "DG1", "PR1", "IN1", "IN2"})
+#: The patient-level segments (NK1, AL1, IAM, DG1, PR1, GT1, IN1/IN2) of a patient group.
+_PATIENT_LEVEL: Final = frozenset({"NK1", "AL1", "IAM", "DG1", "PR1", "GT1", "IN1", "IN2"})
 #: Segments that end the PATIENT group of a non-ADT message: the start of the
 #: family's own part (orders, results, vaccinations, documents, schedules) or the
 #: next patient.
@@ -357,6 +361,8 @@ def _patient_segment(ctx: MappingContext, group: _Group, seg: Segment) -> None:
         _condition(ctx, group, seg)
     elif name == "PR1":
         _procedure(ctx, group, seg)
+    elif name == "GT1":
+        _guarantor(ctx, group, seg)
     elif name == "IN1":
         _coverage(ctx, group, seg)
     elif name == "IN2" and group.coverage is not None:
@@ -381,6 +387,8 @@ def map_patient_group(ctx: MappingContext) -> None:
         encounter=ctx.get(encounter_ref) if encounter_ref else None,
         encounter_ref=encounter_ref,
     )
+    if pid.present(18):
+        account(ctx, group, pid)
     segments = ctx.segments
     for i in range(pid.index + 1, len(segments)):
         seg = segments[i]
@@ -1056,6 +1064,102 @@ def _procedure(ctx: MappingContext, group: _Group, pr1: Segment) -> None:
     if reason:
         proc["reasonCode"] = [reason]
     ctx.add(proc)
+
+
+# --- PID-18 / GT1 → Account, guarantors ------------------------------------------------
+
+
+def account(ctx: MappingContext, group: _Group, pid: Segment | None = None) -> dict[str, Any]:
+    """The patient group's Account: the IG's PID[Account] map (status ``active``,
+    identifier PID-18), the Patient its subject; a GT1 guarantor joins it.
+
+    Its id is a UUIDv5 of the account number (with its authority, else scoped by the
+    sender), so every message about one account updates one Account; a group with
+    guarantors but no PID-18 gets an Account scoped to the event."""
+    if group.account is not None:
+        return group.account
+    identifiers = [x for c in pid.each(18) if (x := dt.identifier(ctx, c))] if pid else []
+    if identifiers:
+        first = identifiers[0]
+        scope = first.get("system") or f"sender:{ctx.msg.header.sender_key}"
+        account_id = uuid5_str(f"Account|{scope}|{first['value']}")
+    else:
+        account_id = ctx.resource_id(f"Account|{group.patient_ref}")
+    acct: dict[str, Any] = {"resourceType": "Account", "id": account_id}
+    if identifiers:
+        acct["identifier"] = identifiers
+    acct["status"] = "active"
+    if group.patient_ref:
+        acct["subject"] = [{"reference": group.patient_ref}]
+    ctx.add(acct)
+    group.account = acct
+    return acct
+
+
+def _guarantor(ctx: MappingContext, group: _Group, gt1: Segment) -> None:
+    """GT1 → ``Account.guarantor``: the party is the Patient when GT1-11 is SEL (the
+    patient is their own guarantor), else a RelatedPerson of the guarantor's own
+    fields (GT1-2, 3, 5…9, 11, 12), else the guarantor organization (GT1-21).
+
+    The IG STU1 has no GT1 map ('under construction'); this follows FHIR's Account
+    (guarantor.party, onHold, period). For a SEL guarantor the person fields repeat
+    the patient's and are left to PID (reported as unmapped when valued)."""
+    relation = _peek(gt1, 11).split(ctx.comp_sep, 1)[0].upper()
+    if relation == "SEL":
+        gt1.consume(11)
+        party = group.patient_ref
+    elif gt1.present(3):
+        party = _guarantor_person(ctx, group, gt1)
+    elif gt1.present(21):
+        party = dt.organization(ctx, gt1.comps(21))
+    else:
+        return  # nothing names the guarantor: the segment is reported as unmapped
+    if party is None:
+        return
+    gt1.consume(1)  # set id
+    entry: dict[str, Any] = {"party": {"reference": party}}
+    hold = gt1.value(22).upper()
+    if hold in ("Y", "N"):
+        entry["onHold"] = hold == "Y"
+    period = _period(ctx, gt1, 13, 14)
+    if period:
+        entry["period"] = period
+    account(ctx, group).setdefault("guarantor", []).append(entry)
+
+
+def _guarantor_person(ctx: MappingContext, group: _Group, gt1: Segment) -> str | None:
+    names = [x for c in gt1.each(3) if (x := dt.human_name(c))]
+    if not names:
+        return None
+    person: dict[str, Any] = {
+        "resourceType": "RelatedPerson",
+        "id": ctx.resource_id(f"RelatedPerson/GT1/{gt1.index}"),
+    }
+    identifiers = [x for c in gt1.each(2) if (x := dt.identifier(ctx, c))]
+    ssn = gt1.value(12)
+    if ssn:
+        identifiers.append({"system": SSN_SYSTEM, "value": ssn})
+    if identifiers:
+        person["identifier"] = identifiers
+    person["patient"] = {"reference": group.patient_ref}
+    relationship = _relationship(ctx, gt1.comps(11))
+    if relationship:
+        person["relationship"] = [relationship]
+    person["name"] = names
+    telecom = [x for c in gt1.each(6) if (x := dt.contact_point(c, "home"))]
+    telecom += [x for c in gt1.each(7) if (x := dt.contact_point(c, "work"))]
+    if telecom:
+        person["telecom"] = telecom
+    gender = GENDER.get(gt1.value(9).upper())
+    if gender:
+        person["gender"] = gender
+    birth = dt.date_only(gt1.value(8), "GT1-8")
+    if birth:
+        person["birthDate"] = birth
+    addresses = [x for c in gt1.each(5) if (x := dt.address(c))]
+    if addresses:
+        person["address"] = addresses
+    return ctx.add(person)
 
 
 # --- IN1/IN2 → Coverage ---------------------------------------------------------------

@@ -890,12 +890,18 @@ def _cached_interpretation(rep: str, comp: str) -> dict[str, Any] | None:
     return _split_cwe(rep, comp) if rep else None
 
 
+#: OBX-8 coding system names that mean table 0078: none (the field's own table), its
+#: table 0396 name, and ``HL7nnnn``, table 0396's pattern for "the HL7 table of this
+#: field" that some senders copy literally.
+_TABLE_0078_NAMES: Final = frozenset({"", "HL70078", "HL7NNNN"})
+
+
 def _interpretation_of(
     ctx: MappingContext | None, rep: str, value: str, display_sent: str, system: str
 ) -> dict[str, Any] | None:
     """:func:`_interpretation` once OBX-8's code, display and system are read;
     ``ctx`` None when the code has a value and no system (no CWE map needed)."""
-    if value and system in ("", "HL70078"):
+    if value and system in _TABLE_0078_NAMES:
         display = INTERPRETATION_DISPLAY.get(value)
         if display is not None:
             return {
