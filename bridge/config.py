@@ -112,7 +112,15 @@ class Settings(BaseModel):
     http_host: str = "0.0.0.0"
     """Address the HTTP server binds."""
     http_port: int = Field(default=8080, ge=0, le=65535)
-    """HTTP port for /healthz, /readyz, /metrics (0 = any free port)."""
+    """HTTP port for FHIR ingest (/fhir), /healthz, /readyz, /metrics (0 = any free port)."""
+
+    # --- FHIR REST ingest (under /fhir on the HTTP port) -------------------------
+    fhir_max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=1024**3)
+    """A FHIR request body larger than this is refused with 413."""
+    fhir_request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """A FHIR request body that has not fully arrived after this long is refused with 408."""
+    fhir_retry_after_s: int = Field(default=10, ge=1, le=3600)
+    """Retry-After (seconds) of a 503 answer when Kafka could not take a write."""
 
     # --- HL7 v2 handling -----------------------------------------------------
     accept_message_types: tuple[str, ...] = DEFAULT_ACCEPTED_MESSAGE_TYPES

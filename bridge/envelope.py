@@ -76,6 +76,8 @@ class EventAttributes:
     bridge_instance: str | None = None
     leader_epoch: int | None = None
     unmapped: tuple[str, ...] = ()
+    #: FHIR REST ingest: create, update, transaction or message.
+    fhir_interaction: str | None = None
 
     def structured(self, data: Any) -> dict[str, Any]:
         """The event in CloudEvents structured JSON form (``hl7bridge convert``):
@@ -108,6 +110,7 @@ class EventAttributes:
             ("ce_bridgeinstance", self.bridge_instance),
             ("ce_leaderepoch", None if self.leader_epoch is None else str(self.leader_epoch)),
             ("ce_hl7unmapped", ",".join(self.unmapped) if self.unmapped else None),
+            ("ce_fhirinteraction", self.fhir_interaction),
         )
         headers.extend((name, value.encode()) for name, value in optional if value is not None)
         return headers

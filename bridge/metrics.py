@@ -52,6 +52,12 @@ class BridgeMetrics:
             buckets=_ACK_BUCKETS,
             registry=self.registry,
         )
+        self.fhir_requests = Counter(
+            "hl7bridge_fhir_requests_total",
+            "FHIR REST requests answered, by interaction and HTTP status.",
+            ("interaction", "status"),
+            registry=self.registry,
+        )
         self.connections = Gauge(
             "hl7bridge_mllp_connections",
             "Open MLLP connections.",

@@ -23,12 +23,14 @@ from typing import Any
 
 from aiohttp import web
 
+from adapters.fhir.server import FhirHttpSettings, add_fhir_routes
 from adapters.mllp.server import MLLPServer, MLLPServerSettings
 from bridge import __version__
 from bridge.config import Settings
 from bridge.coordination import Membership, ZooKeeperSession
 from bridge.dedupe import DuplicateFilter
 from bridge.errors import BridgeError, LifecycleError
+from bridge.fhir_ingest import FhirIngest, FhirIngestSettings
 from bridge.kafka import KafkaPublisher, Topics, ensure_topics
 from bridge.mapworker import MappingPool, WorkerConfig
 from bridge.metrics import BridgeMetrics
@@ -106,6 +108,18 @@ class BridgeInstance:
                 ssl=settings.mllp_ssl_context(),
             ),
             self.pipeline,
+        )
+        self.fhir = FhirIngest(
+            FhirIngestSettings(
+                topics=self.topics,
+                instance_id=settings.instance_id,
+                retry_after_s=settings.fhir_retry_after_s,
+            ),
+            self.publisher,
+            DuplicateFilter(
+                window_s=settings.dedupe_window_s, max_entries=settings.dedupe_max_entries
+            ),
+            self.metrics,
         )
         self.membership = Membership(self.zookeeper, settings.instance_id, self._describe)
         self._runner: web.AppRunner | None = None
@@ -212,7 +226,19 @@ class BridgeInstance:
     # --- parts ----------------------------------------------------------------------------
 
     async def _start_http(self) -> None:
-        app = build_app(self.metrics, self.readiness)
+        settings = self.settings
+        app = build_app(self.metrics, self.readiness, client_max_size=settings.fhir_max_body_bytes)
+        latency = self.metrics.ack_latency.labels("fhir")
+        add_fhir_routes(
+            app,
+            self.fhir,
+            FhirHttpSettings(
+                max_body_bytes=settings.fhir_max_body_bytes,
+                request_timeout_s=settings.fhir_request_timeout_s,
+                version=__version__,
+                observe=lambda seconds, _status: latency.observe(seconds),
+            ),
+        )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self._runner = runner

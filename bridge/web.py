@@ -1,6 +1,7 @@
 """The instance's HTTP side: ``/healthz``, ``/readyz``, ``/metrics``.
 
-FHIR REST ingest (``/fhir``) mounts on the same application (its own issue).
+FHIR REST ingest (``/fhir``, :mod:`adapters.fhir.server`) mounts on the same
+application.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_app(metrics: BridgeMetrics, readiness: ReadinessCheck) -> web.Application:
-    app = web.Application()
+def build_app(
+    metrics: BridgeMetrics, readiness: ReadinessCheck, *, client_max_size: int = 1024**2
+) -> web.Application:
+    app = web.Application(client_max_size=client_max_size)
     app[METRICS_KEY] = metrics
     app[READINESS_KEY] = readiness
     app.router.add_get("/healthz", _healthz)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,54 +19,16 @@ from adapters.hl7v2.ack import map_ack_code
 from adapters.hl7v2.er7 import parse_message
 from adapters.hl7v2.files import split_messages
 from adapters.mllp.client import MLLPClient
-from bridge.config import DEFAULT_ACCEPTED_MESSAGE_TYPES, Settings
+from bridge.config import DEFAULT_ACCEPTED_MESSAGE_TYPES
 from bridge.dedupe import content_fingerprint
 from bridge.envelope import hl7v2_event_id
 from bridge.kafka import ensure_topics
 from bridge.sender import summarize_ack
 from bridge.service import BridgeInstance
+from tests.integration.conftest import InstanceFactory
 from tests.kafka_helpers import read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-InstanceFactory = Callable[..., Any]
-
-
-def _settings(zk_hosts: str, bootstrap: str, prefix: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "zookeeper": zk_hosts,
-        "kafka": bootstrap,
-        "topic_prefix": prefix,
-        "kafka_idempotence": False,
-        "kafka_partitions": 3,
-        "kafka_publish_timeout_s": 3.0,
-        "mllp_host": "127.0.0.1",
-        "mllp_port": 0,
-        "http_host": "127.0.0.1",
-        "http_port": 0,
-        "cluster": "it",
-        "instance_id": "it-1",
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
-@pytest.fixture
-async def start_instance(
-    zookeeper: Any, zk_chroot: str, topic_prefix: str
-) -> AsyncIterator[Callable[..., Any]]:
-    started: list[BridgeInstance] = []
-
-    async def start(bootstrap: str, **overrides: Any) -> BridgeInstance:
-        settings = _settings(f"{zookeeper.hosts}{zk_chroot}", bootstrap, topic_prefix, **overrides)
-        instance = BridgeInstance(settings)
-        await instance.start()
-        started.append(instance)
-        return instance
-
-    yield start
-    for instance in reversed(started):
-        await instance.stop()
 
 
 async def _send_all(instance: BridgeInstance, messages: list[bytes]) -> list[bytes]:

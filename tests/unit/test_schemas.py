@@ -38,6 +38,7 @@ def test_every_header_the_bridge_writes_is_documented() -> None:
         bridge_instance="b",
         leader_epoch=1,
         unmapped=("ZPI",),
+        fhir_interaction="create",
     )
     written = {name for name, _ in attributes.headers()}
     assert written <= set(schema["properties"])
