@@ -210,6 +210,22 @@ _JSON_NAME: Final = {bool: "a boolean", int: "a number", float: "a number", str:
 
 
 _KINDS: dict[type[Any], dict[str, tuple[Kind, type[Any] | None]]] = {}
+_REQUIRED: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _required_primitives(model: type[Any]) -> tuple[str, ...]:
+    """Required primitive elements: fhir.resources checks them only when nothing else
+    in the resource failed, so they are checked here too (one issue per problem)."""
+    found = _REQUIRED.get(model)
+    if found is None:
+        found = tuple(
+            field.alias or name
+            for name, field in model.model_fields.items()
+            if isinstance(field.json_schema_extra, Mapping)
+            and field.json_schema_extra.get("element_required")
+        )
+        _REQUIRED[model] = found
+    return found
 
 
 def _element_kinds(model: type[Any]) -> dict[str, tuple[Kind, type[Any] | None]]:
@@ -260,6 +276,9 @@ def _check_json_types(
     value: Mapping[str, Any], model: type[Any], path: str, issues: list[Issue]
 ) -> None:
     kinds = _element_kinds(model)
+    for name in _required_primitives(model):
+        if value.get(name) is None and f"_{name}" not in value:
+            issues.append(Issue("required", "required element missing", f"{path}.{name}"))
     for key, item in value.items():
         spec = kinds.get(key)
         if spec is None:
