@@ -175,7 +175,11 @@ def _issues_from(exc: ValidationError, root: str) -> Iterator[Issue]:
 
 
 def _is_element(part: object) -> bool:
-    return isinstance(part, int) or (isinstance(part, str) and not _NOT_AN_ELEMENT.search(part))
+    """A location part naming an element (fhir.resources adds ``root`` and validator
+    labels; no FHIR element is called ``root``)."""
+    if isinstance(part, int):
+        return True
+    return isinstance(part, str) and part != "root" and not _NOT_AN_ELEMENT.search(part)
 
 
 def _fhirpath(root: str, parts: Sequence[str | int]) -> str:
