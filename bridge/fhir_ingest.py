@@ -110,11 +110,17 @@ class _Write:
     warnings: list[Issue] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.event_id = str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(("fhir", *self.identity))))
+        self.event_id = event_id_of(self.source, self.identity)
 
     @property
     def dedupe_key(self) -> tuple[str, str]:
         return (self.source, "\x1f".join(self.identity))
+
+
+def event_id_of(source: str, identity: Sequence[str]) -> str:
+    """The event id of a write: a UUIDv5 of its source and identity (a request id is
+    the client's, so two sources may use the same one)."""
+    return str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(("fhir", source, *identity))))
 
 
 def digest_of(value: Any) -> bytes:
@@ -257,8 +263,9 @@ class FhirIngest:
             source=source_of(resource),
             warnings=issues,
         )
-        if interaction == "create":
-            # The relay assigns the id a server would (deterministic: a retry keeps it).
+        if interaction == "create" and not resource.get("id"):
+            # The relay assigns an id as a server would (deterministic: a retry keeps it).
+            # An id the client sent is kept: references in its data may use it.
             resource["id"] = _resource_id(write.event_id)
         return write
 
@@ -338,12 +345,12 @@ class FhirIngest:
         digest = digest_of(bundle)
         identity = ("request", request_id) if request_id else ("transaction", digest.hex())
         source = source_of(bundle)
-        event_id = str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(("fhir", *identity))))
+        event_id = event_id_of(source, identity)
         resources: list[tuple[str, dict[str, Any]]] = []
         for i, entry in enumerate(entries):
             resource = dict(entry["resource"])
             method = entry["request"]["method"]
-            if method == "POST":
+            if method == "POST" and not resource.get("id"):
                 resource["id"] = _resource_id(event_id, i)
             full_url = entry.get("fullUrl") or f"{base}/{resource['resourceType']}/{resource['id']}"
             resources.append((str(full_url), resource))
@@ -459,7 +466,7 @@ class FhirIngest:
         digest = digest_of(bundle)
         identity = ("request", request_id) if request_id else ("message", digest.hex())
         source = _message_source(header) or source_of(bundle)
-        event_id = str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(("fhir", *identity))))
+        event_id = event_id_of(source, identity)
         by_url = {
             str(e.get("fullUrl")): e["resource"]
             for e in entries
@@ -491,25 +498,35 @@ class FhirIngest:
     ) -> list[tuple[int, dict[str, str]]]:
         """Publish the raw body and each write's event that is not a duplicate, in one
         batch; per write: 202 (accepted now or before) or 409 (request id reused)."""
+        # First wait, without claiming anything, until no write of this request has an
+        # attempt in flight elsewhere; then classify and claim in one step with no await
+        # in between, so nothing can change under us and a cancelled request never
+        # leaves a claim unfinished.
+        while pending := [
+            p
+            for w in writes
+            if self._dedupe.lookup(w.dedupe_key, w.digest) is None
+            and (p := self._dedupe.pending(w.dedupe_key, w.digest)) is not None
+        ]:
+            await asyncio.gather(*(asyncio.shield(p) for p in pending))
         results: list[tuple[int, dict[str, str]]] = []
         fresh: list[_Write] = []
+        claimed: set[tuple[tuple[str, str], bytes]] = set()
         for write in writes:
             seen, digest = write.dedupe_key, write.digest
-            while (earlier := self._dedupe.lookup(seen, digest)) is None:
-                pending = self._dedupe.pending(seen, digest)
-                if pending is None:
-                    break
-                await asyncio.shield(pending)
-            if earlier is not None:
+            accepted_id = {"X-Event-Id": write.event_id}
+            if (seen, digest) in claimed or self._dedupe.lookup(seen, digest) is not None:
+                # Accepted before, or the same write twice in this request (a batch).
                 self._metrics.duplicates.labels(CHANNEL).inc()
-                results.append((202, {"X-Event-Id": write.event_id}))
+                results.append((202, accepted_id))
                 continue
             if write.identity[0] == "request" and self._dedupe.reused(seen, digest):
                 results.append((409, {}))
                 continue
             self._dedupe.begin(seen, digest)
+            claimed.add((seen, digest))
             fresh.append(write)
-            results.append((202, {"X-Event-Id": write.event_id}))
+            results.append((202, accepted_id))
         if not fresh:
             return results
         accepted: str | None = None

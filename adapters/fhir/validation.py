@@ -142,6 +142,13 @@ def validate_resource(
         model_class(resource_type).model_validate(resource)
     except ValidationError as exc:
         issues.extend(_issues_from(exc, root))
+    except (KeyError, ValueError, TypeError):
+        # fhir.resources fails outside pydantic on some shapes (an unknown resourceType
+        # inside a resource): the JSON checks below name the element; this says it
+        # only if they do not.
+        broken = Issue("structure", "the resource does not have FHIR's structure", root)
+        found = _json_type_issues(resource, resource_type, root)
+        return [*(found if errors_in(found) else [broken, *found])]
     # fhir.resources coerces ("yes" → true, "7" → 7); FHIR JSON does not.
     reported = {i.expression for i in issues}
     issues.extend(
@@ -272,8 +279,17 @@ def _kind_of(annotation: Any) -> tuple[Kind, type[Any] | None]:
 
 def _json_type_issues(resource: Mapping[str, Any], resource_type: str, root: str) -> list[Issue]:
     issues: list[Issue] = []
-    _check_json_types(resource, model_class(resource_type), root, issues)
+    _check_resource(resource, resource_type, root, issues)
     return issues
+
+
+def _check_resource(
+    resource: Mapping[str, Any], resource_type: str, path: str, issues: list[Issue]
+) -> None:
+    rid = resource.get("id")
+    if rid is not None and not (isinstance(rid, str) and ID_RE.fullmatch(rid)):
+        issues.append(Issue("value", "an id is 1-64 letters, digits, '-' and '.'", f"{path}.id"))
+    _check_json_types(resource, model_class(resource_type), path, issues)
 
 
 def _check_json_types(
@@ -309,11 +325,28 @@ def _check_one(
     elif kind == "string":
         ok = isinstance(item, str)
     elif kind == "resource":
-        if isinstance(item, Mapping) and is_resource_type(str(item.get("resourceType"))):
-            _check_json_types(item, model_class(str(item["resourceType"])), path, issues)
+        if not isinstance(item, Mapping):
+            issues.append(Issue("value", "FHIR JSON has a resource (an object) here", path))
+        elif not isinstance(item.get("resourceType"), str):
+            issues.append(
+                Issue("required", "a resource needs its resourceType", f"{path}.resourceType")
+            )
+        elif not is_resource_type(item["resourceType"]):
+            issues.append(
+                Issue(
+                    "not-supported",
+                    "unknown resourceType: not an R4 resource",
+                    f"{path}.resourceType",
+                )
+            )
+        else:
+            _check_resource(item, item["resourceType"], path, issues)
         return
     else:
-        if isinstance(item, Mapping) and model is not None:
+        if not isinstance(item, Mapping):
+            sent = _JSON_NAME.get(type(item), "an array")
+            issues.append(Issue("value", f"FHIR JSON has an object here, not {sent}", path))
+        elif model is not None:
             _check_json_types(item, model, path, issues)
         return
     if not ok:
@@ -438,6 +471,8 @@ def _allowed_targets(resource_type: str) -> dict[str, frozenset[str]]:
     """Top-level element (JSON name) → the resource types its Reference may point at;
     absent when any type may (``Reference(Any)``) or the element is not a Reference."""
     out: dict[str, frozenset[str]] = {}
+    if not is_resource_type(resource_type):
+        return out  # reported by the JSON checks
     for name, field in model_class(resource_type).model_fields.items():
         extra = field.json_schema_extra
         if not isinstance(extra, Mapping):
