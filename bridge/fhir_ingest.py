@@ -133,12 +133,17 @@ def digest_of(value: Any) -> bytes:
 def source_of(resource: Mapping[str, Any]) -> str:
     """``ce_source``: the resource's own ``meta.source`` (FHIR's "source system") when
     it is a URI, else the bridge's FHIR channel."""
-    meta = resource.get("meta")
-    if isinstance(meta, Mapping):
-        value = meta.get("source")
-        if isinstance(value, str) and value and not any(c.isspace() for c in value):
-            return value
-    return DEFAULT_SOURCE
+    return _uri_at(resource, "meta", "source") or DEFAULT_SOURCE
+
+
+def _uri_at(value: Mapping[str, Any], element: str, name: str) -> str | None:
+    """``value.element.name`` when it is a URI-like string (non-empty, no spaces)."""
+    inner = value.get(element)
+    if isinstance(inner, Mapping):
+        found = inner.get(name)
+        if isinstance(found, str) and found and not any(c.isspace() for c in found):
+            return found
+    return None
 
 
 def patient_of(resource: Mapping[str, Any], bundle: Mapping[str, Mapping[str, Any]]) -> str | None:
@@ -357,18 +362,8 @@ class FhirIngest:
         by_url = {url: r for url, r in resources}
         subject = next((p for _, r in resources if (p := patient_of(r, by_url))), None)
         data = _message_bundle(event_id, "transaction", source, resources)
-        attributes = self._attributes(event_id, source, "transaction", "transaction", subject)
-        key = (subject or f"source|{source}").encode()
-        dedupe_key = (source, "\x1f".join(identity))
         status = await self._publish_once(
-            dedupe_key,
-            digest,
-            [
-                self._raw_record(body, key, event_id, source, subject),
-                OutRecord(
-                    self._settings.topics.events, orjson.dumps(data), key, attributes.headers()
-                ),
-            ],
+            identity, digest, body, data, event_id, source, "transaction", subject
         )
         if status != 202:
             return Answer(status, _conflict_outcome())
@@ -473,17 +468,8 @@ class FhirIngest:
             if isinstance(e.get("resource"), Mapping)
         }
         subject = next((p for r in by_url.values() if (p := patient_of(r, by_url))), None)
-        attributes = self._attributes(event_id, source, "message", "message", subject)
-        key = (subject or f"source|{source}").encode()
         status = await self._publish_once(
-            (source, "\x1f".join(identity)),
-            digest,
-            [
-                self._raw_record(body, key, event_id, source, subject),
-                OutRecord(
-                    self._settings.topics.events, orjson.dumps(bundle), key, attributes.headers()
-                ),
-            ],
+            identity, digest, body, bundle, event_id, source, "message", subject
         )
         if status != 202:
             return Answer(status, _conflict_outcome())
@@ -569,9 +555,27 @@ class FhirIngest:
         return results
 
     async def _publish_once(
-        self, key: tuple[str, str], digest: bytes, records: list[OutRecord]
+        self,
+        identity: tuple[str, ...],
+        digest: bytes,
+        body: bytes,
+        data: dict[str, Any],
+        event_id: str,
+        source: str,
+        interaction: str,
+        subject: str | None,
     ) -> int:
-        """Publish one event (a transaction or a message) unless it is a duplicate."""
+        """Publish the raw body and one event (a transaction or a message) unless it is
+        a duplicate; 202, or 409 for a request id reused with other content."""
+        key = (source, "\x1f".join(identity))
+        record_key = (subject or f"source|{source}").encode()
+        attributes = self._attributes(event_id, source, interaction, interaction, subject)
+        records = [
+            self._raw_record(body, record_key, event_id, source, subject),
+            OutRecord(
+                self._settings.topics.events, orjson.dumps(data), record_key, attributes.headers()
+            ),
+        ]
         while (earlier := self._dedupe.lookup(key, digest)) is None:
             pending = self._dedupe.pending(key, digest)
             if pending is None:
@@ -704,12 +708,7 @@ def _entry_write_problem(entry: Mapping[str, Any], path: str) -> Issue | None:
 
 
 def _message_source(header: Mapping[str, Any]) -> str | None:
-    source = header.get("source")
-    if isinstance(source, Mapping):
-        endpoint = source.get("endpoint")
-        if isinstance(endpoint, str) and endpoint and not any(c.isspace() for c in endpoint):
-            return endpoint
-    return None
+    return _uri_at(header, "source", "endpoint")
 
 
 def _message_bundle(

@@ -7,7 +7,6 @@ import asyncio
 import copy
 import json
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,10 @@ import orjson
 import pytest
 
 from bridge.dedupe import DuplicateFilter
-from bridge.errors import PublishError
 from bridge.fhir_ingest import Answer, FhirIngest, FhirIngestSettings
-from bridge.kafka import Delivered, OutRecord, Topics
+from bridge.kafka import OutRecord, Topics
 from bridge.metrics import BridgeMetrics
+from tests.fakes import FakePublisher
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,43 +34,6 @@ EVENTS_TOPIC = "t.events"
 RETRY_AFTER_S = 7
 RESTFUL_INTERACTION = "http://hl7.org/fhir/restful-interaction"
 MESSAGE_FILE = "Bundle-10bb101f-a121-4264-a920-67be9cb82c74.json"
-
-
-class FakePublisher:
-    """A Publisher that keeps what it acknowledged (the pattern of test_pipeline.py).
-
-    ``fail_next``: that many calls raise PublishError (Kafka down).
-    """
-
-    def __init__(self) -> None:
-        self.batches: list[list[OutRecord]] = []
-        self.calls = 0
-        self.fail_next = 0
-
-    @property
-    def records(self) -> list[OutRecord]:
-        return [record for batch in self.batches for record in batch]
-
-    def on(self, topic: str) -> list[OutRecord]:
-        return [record for record in self.records if record.topic == topic]
-
-    async def publish(self, records: Sequence[OutRecord]) -> list[Delivered]:
-        self.calls += 1
-        if self.fail_next:
-            self.fail_next -= 1
-            raise PublishError("broker down (test)")
-        self.batches.append(list(records))
-        return [Delivered(record.topic, 0, i) for i, record in enumerate(records)]
-
-
-@pytest.fixture
-def publisher() -> FakePublisher:
-    return FakePublisher()
-
-
-@pytest.fixture
-def metrics() -> BridgeMetrics:
-    return BridgeMetrics()
 
 
 @pytest.fixture

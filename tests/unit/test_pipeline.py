@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 
 import orjson
 import pytest
@@ -14,11 +13,11 @@ from adapters.mllp.server import RejectReason
 from bridge.config import DEFAULT_ACCEPTED_MESSAGE_TYPES
 from bridge.dedupe import DuplicateFilter, content_fingerprint
 from bridge.envelope import hl7v2_event_id
-from bridge.errors import PublishError
-from bridge.kafka import Delivered, OutRecord, Topics
+from bridge.kafka import OutRecord, Topics
 from bridge.metrics import BridgeMetrics
 from bridge.normalize import patient_resource_id
 from bridge.pipeline import Hl7v2Pipeline, PipelineSettings
+from tests.fakes import FakePublisher
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -55,44 +54,6 @@ def message(
     return ("\r".join(segments) + "\r").encode()
 
 
-class FakePublisher:
-    """A Publisher that keeps what it acknowledged.
-
-    ``down_topics``: a batch touching one of them raises PublishError (Kafka down).
-    ``fail_next``: that many calls raise PublishError, whatever the topic.
-    ``gate``: when set, each call waits for it before answering (a slow broker);
-    ``entered`` is set as soon as a call arrives.
-    """
-
-    def __init__(self) -> None:
-        self.batches: list[list[OutRecord]] = []
-        self.calls = 0
-        self.down_topics: set[str] = set()
-        self.fail_next = 0
-        self.gate: asyncio.Event | None = None
-        self.entered = asyncio.Event()
-
-    @property
-    def records(self) -> list[OutRecord]:
-        return [record for batch in self.batches for record in batch]
-
-    def on(self, topic: str) -> list[OutRecord]:
-        return [record for record in self.records if record.topic == topic]
-
-    async def publish(self, records: Sequence[OutRecord]) -> list[Delivered]:
-        self.calls += 1
-        self.entered.set()
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.fail_next:
-            self.fail_next -= 1
-            raise PublishError("broker down (test)")
-        if self.down_topics & {record.topic for record in records}:
-            raise PublishError("broker down (test)")
-        self.batches.append(list(records))
-        return [Delivered(record.topic, 0, i) for i, record in enumerate(records)]
-
-
 def make_pipeline(
     publisher: FakePublisher,
     metrics: BridgeMetrics,
@@ -102,16 +63,6 @@ def make_pipeline(
     return Hl7v2Pipeline(
         settings, publisher, DuplicateFilter(window_s=60, max_entries=100), metrics
     )
-
-
-@pytest.fixture
-def publisher() -> FakePublisher:
-    return FakePublisher()
-
-
-@pytest.fixture
-def metrics() -> BridgeMetrics:
-    return BridgeMetrics()
 
 
 @pytest.fixture

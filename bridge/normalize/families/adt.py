@@ -1150,16 +1150,23 @@ def _guarantor_person(ctx: MappingContext, group: _Group, gt1: Segment) -> str |
     telecom += [x for c in gt1.each(7) if (x := dt.contact_point(c, "work"))]
     if telecom:
         person["telecom"] = telecom
-    gender = GENDER.get(gt1.value(9).upper())
-    if gender:
-        person["gender"] = gender
-    birth = dt.date_only(gt1.value(8), "GT1-8")
-    if birth:
-        person["birthDate"] = birth
-    addresses = [x for c in gt1.each(5) if (x := dt.address(c))]
+    _person_details(person, gt1, gender=9, birth=8, address=5)
+    return ctx.add(person)
+
+
+def _person_details(
+    person: dict[str, Any], seg: Segment, *, gender: int, birth: int, address: int
+) -> None:
+    """A RelatedPerson's gender (table 0001), birth date and addresses from ``seg``."""
+    code = GENDER.get(seg.value(gender).upper())
+    if code:
+        person["gender"] = code
+    born = dt.date_only(seg.value(birth), f"{seg.name}-{birth}")
+    if born:
+        person["birthDate"] = born
+    addresses = [x for c in seg.each(address) if (x := dt.address(c))]
     if addresses:
         person["address"] = addresses
-    return ctx.add(person)
 
 
 # --- IN1/IN2 → Coverage ---------------------------------------------------------------
@@ -1263,15 +1270,7 @@ def _subscriber(ctx: MappingContext, group: _Group, in1: Segment, relation: str)
     if relationship:
         person["relationship"] = [relationship]
     person["name"] = names
-    gender = GENDER.get(in1.value(43).upper())
-    if gender:
-        person["gender"] = gender
-    birth = dt.date_only(in1.value(18), "IN1-18")
-    if birth:
-        person["birthDate"] = birth
-    addresses = [x for c in in1.each(19) if (x := dt.address(c))]
-    if addresses:
-        person["address"] = addresses
+    _person_details(person, in1, gender=43, birth=18, address=19)
     return ctx.add(person)
 
 
