@@ -189,6 +189,12 @@ class FhirIngest:
         self._publisher = publisher
         self._dedupe = dedupe
         self._metrics = metrics
+        self._routes: dict[str, str] = {}
+
+    def set_routes(self, routes: Mapping[str, str]) -> None:
+        """Topic routing (cluster config): resource type → the events topic that its
+        creates and updates go to instead of ``.events``."""
+        self._routes = dict(routes)
 
     # --- create / update ----------------------------------------------------------
 
@@ -534,11 +540,10 @@ class FhirIngest:
                     write.interaction,
                     subject,
                 )
-                records.append(
-                    OutRecord(
-                        self._settings.topics.events, orjson.dumps(data), key, attributes.headers()
-                    )
+                topic = self._routes.get(
+                    str(write.resource["resourceType"]), self._settings.topics.events
                 )
+                records.append(OutRecord(topic, orjson.dumps(data), key, attributes.headers()))
             first = fresh[0]
             raw = self._raw_record(
                 body,

@@ -19,9 +19,10 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from adapters.hl7v2.ack import (
     AckError,
@@ -58,6 +59,25 @@ from bridge.normalize import MappingOptions
 log = logging.getLogger(__name__)
 
 CHANNEL = "mllp"
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """Who handed the pipeline this frame: the metrics and DLQ channel label, and the
+    headers singleton work stamps on what it publishes (``ce_leaderepoch``)."""
+
+    channel: str = CHANNEL
+    stamp: tuple[tuple[str, bytes], ...] = ()
+
+
+_MLLP_CALL: Final = _Call()
+_CALL_VAR: ContextVar[_Call | None] = ContextVar("hl7bridge_pipeline_call", default=None)
+
+
+def _call() -> _Call:
+    return _CALL_VAR.get() or _MLLP_CALL
+
+
 _TYPE_LABEL = re.compile(r"^[A-Z][A-Z0-9]{2}\^[A-Z0-9]{3}$")
 
 
@@ -126,14 +146,30 @@ class Hl7v2Pipeline:
         # ACK control ids: unique per instance run, short enough for MSH-10 (ST 20).
         self._ack_prefix = uuid.uuid4().hex[:8]
         self._ack_counter = 0
+        self._routes: dict[str, str] = {}
 
     # --- FrameHandler (adapters.mllp.server) --------------------------------------
 
-    async def handle_frame(self, payload: bytes, peer: str) -> bytes:
+    async def handle_frame(
+        self, payload: bytes, peer: str, *, channel: str = CHANNEL, epoch: int | None = None
+    ) -> bytes:
+        """Process one message and return its ACK. ``channel`` labels metrics and DLQ
+        records (``mllp``, ``directory:<name>``); ``epoch`` is stamped as
+        ``ce_leaderepoch`` on every record (singleton channels)."""
         started = time.perf_counter()
-        ack = await self._process(payload)
-        self._metrics.ack_latency.labels(CHANNEL).observe(time.perf_counter() - started)
+        stamp = () if epoch is None else (("ce_leaderepoch", str(epoch).encode()),)
+        token = _CALL_VAR.set(_Call(channel, stamp)) if channel != CHANNEL or stamp else None
+        try:
+            ack = await self._process(payload)
+        finally:
+            if token is not None:
+                _CALL_VAR.reset(token)
+        self._metrics.ack_latency.labels(channel).observe(time.perf_counter() - started)
         return ack
+
+    def set_accept_message_types(self, entries: Sequence[str]) -> None:
+        """Apply a new accept list (cluster config) to the messages that follow."""
+        self._accept = _AcceptList.parse(entries)
 
     def reject_frame(self, head: bytes, reason: RejectReason) -> bytes:
         """Answer a frame without processing it: too large, overloaded, shutting down."""
@@ -180,13 +216,13 @@ class Hl7v2Pipeline:
                 break
             await asyncio.shield(in_flight)
         if earlier is not None:
-            self._metrics.duplicates.labels(CHANNEL).inc()
+            self._metrics.duplicates.labels(_call().channel).inc()
             self._count(earlier, header)
             return self._ack(header, earlier)
 
         if self._dedupe.reused(key, fingerprint):
             log.warning("control id reused with different content by a sender; publishing it")
-            self._metrics.control_id_reuse.labels(CHANNEL).inc()
+            self._metrics.control_id_reuse.labels(_call().channel).inc()
         self._dedupe.begin(key, fingerprint)
         accepted: str | None = None
         try:
@@ -234,7 +270,7 @@ class Hl7v2Pipeline:
         try:
             await self._publisher.publish([record])
         except UnavailableError as exc:
-            self._metrics.dlq_failures.labels(CHANNEL).inc()
+            self._metrics.dlq_failures.labels(_call().channel).inc()
             self._count_rejection(exc, header)
             return self._ack(header, exc.ack_code, [ack_error_from(exc)])
         self._count_rejection(error, header)
@@ -257,10 +293,27 @@ class Hl7v2Pipeline:
                 strict_mapping=settings.strict_mapping,
             )
         key = described.record_key
+        stamp = _call().stamp
+        raw_headers, event_headers = described.raw_headers, described.event_headers
+        if stamp:
+            raw_headers, event_headers = [*raw_headers, *stamp], [*event_headers, *stamp]
+        events = self._route(message.header) or settings.topics.events
         return [
-            OutRecord(settings.topics.raw_hl7v2, payload, key, described.raw_headers),
-            OutRecord(settings.topics.events, described.data, key, described.event_headers),
+            OutRecord(settings.topics.raw_hl7v2, payload, key, raw_headers),
+            OutRecord(events, described.data, key, event_headers),
         ]
+
+    def set_routes(self, routes: Mapping[str, str]) -> None:
+        """Topic routing (cluster config): message family (``ORU``) or exact type
+        (``ADT^A01``) → the events topic its events go to instead of ``.events``."""
+        self._routes = dict(routes)
+
+    def _route(self, header: MessageHeader) -> str | None:
+        routes = self._routes
+        if not routes:
+            return None
+        exact = f"{header.message_code}^{header.trigger_event}"
+        return routes.get(exact) or routes.get(header.message_code)
 
     def _dlq_headers(self, header: MessageHeader | None, error: BridgeError) -> Headers:
         headers: Headers = [
@@ -268,9 +321,10 @@ class Hl7v2Pipeline:
             ("dlq_ack_code", error.ack_code.encode()),
             ("dlq_err_code", error.err_code.encode()),
             ("dlq_message", error.message.encode()),
-            ("dlq_channel", CHANNEL.encode()),
+            ("dlq_channel", _call().channel.encode()),
             ("dlq_time", now_rfc3339().encode()),
             ("ce_bridgeinstance", self._settings.instance_id.encode()),
+            *_call().stamp,
         ]
         if error.location:
             headers.append(("dlq_location", error.location.encode()))
@@ -298,8 +352,9 @@ class Hl7v2Pipeline:
         # Only well-formed type names become label values, so a sender cannot
         # grow the label set without bound (accept_message_types may be '*').
         label = header.message_type if _TYPE_LABEL.match(header.message_type) else "other"
-        self._metrics.messages.labels(CHANNEL, ack_code, label).inc()
+        self._metrics.messages.labels(_call().channel, ack_code, label).inc()
 
     def _count_rejection(self, error: BridgeError, header: MessageHeader | None) -> None:
-        self._metrics.messages.labels(CHANNEL, error.ack_code, "other").inc()
-        self._metrics.rejections.labels(CHANNEL, error.reason, error.err_code).inc()
+        channel = _call().channel
+        self._metrics.messages.labels(channel, error.ack_code, "other").inc()
+        self._metrics.rejections.labels(channel, error.reason, error.err_code).inc()

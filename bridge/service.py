@@ -18,14 +18,20 @@ import logging
 import os
 import socket
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
+from adapters.directory.channel import DirectoryChannel, DirectorySettings
 from adapters.fhir.server import FhirHttpSettings, add_fhir_routes
 from adapters.mllp.server import MLLPServer, MLLPServerSettings
 from bridge import __version__
+from bridge.cluster.channels import ChannelContext, KafkaEventLookup
+from bridge.cluster.cluster_config import ClusterConfig
+from bridge.cluster.node import ClusterNode, routed_topics
+from bridge.cluster.progress import DirectoryProgress
 from bridge.config import Settings
 from bridge.coordination import Membership, ZooKeeperSession
 from bridge.dedupe import DuplicateFilter
@@ -122,6 +128,16 @@ class BridgeInstance:
             self.metrics,
         )
         self.membership = Membership(self.zookeeper, settings.instance_id, self._describe)
+        self.cluster = ClusterNode(
+            self.zookeeper,
+            settings.instance_id,
+            apply_config=self._apply_cluster_config,
+            provision=self._provision_topics,
+            make_channel=self._make_channel,
+            # A previous owner's publish may land until its timeout has passed.
+            in_doubt_grace_s=settings.kafka_publish_timeout_s + 2.0,
+        )
+        self._in_doubt = KafkaEventLookup(settings.kafka, self.topics.raw_hl7v2)
         self._runner: web.AppRunner | None = None
         self._http_port = 0
         self._refresh: asyncio.Task[None] | None = None
@@ -161,18 +177,12 @@ class BridgeInstance:
         try:
             await self.zookeeper.start()
             await self.publisher.start()
-            if self.settings.kafka_provision_topics:
-                await ensure_topics(
-                    self.settings.kafka,
-                    self.topics.all(),
-                    partitions=self.settings.kafka_partitions,
-                    replication_factor=self.settings.kafka_replication_factor,
-                )
             if self.mapping_pool is not None:
                 await self.mapping_pool.start()
             await self.mllp.start()
             await self._start_http()
             await self.membership.join()
+            await self.cluster.start()
         except BaseException:
             await self.stop()
             raise
@@ -197,6 +207,7 @@ class BridgeInstance:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresh
         steps = (
+            ("cluster roles", self.cluster.stop),
             ("mllp", self.mllp.stop),
             ("http", self._stop_http),
             ("mapping workers", self._stop_mapping),
@@ -257,6 +268,79 @@ class BridgeInstance:
             await self._runner.cleanup()
             self._runner = None
 
+    # --- the cluster's calls --------------------------------------------------------------
+
+    def _apply_cluster_config(self, config: ClusterConfig | None) -> None:
+        """A new cluster config version, applied without restart: the accepted message
+        types and the topic routing (channels are the cluster node's)."""
+        settings = self.settings
+        accept = settings.accept_message_types
+        if config is not None and config.accept_message_types is not None:
+            accept = tuple(config.accept_message_types)
+        self.pipeline.set_accept_message_types(accept)
+        routes = {} if config is None else {r.match: r.topic_suffix for r in config.routes}
+        prefix = f"{self.topics.events}."
+        self.pipeline.set_routes(
+            {m: prefix + suffix for m, suffix in routes.items() if not m.startswith("fhir:")}
+        )
+        self.fhir.set_routes(
+            {
+                m.removeprefix("fhir:"): prefix + suffix
+                for m, suffix in routes.items()
+                if m.startswith("fhir:")
+            }
+        )
+        if self._state == "running":  # the member node shows the applied version
+            asyncio.get_running_loop().create_task(self.membership.update())
+
+    async def _provision_topics(self, config: ClusterConfig | None) -> None:
+        """The leader's duty: create the topics (and those the config routes to)."""
+        if not self.settings.kafka_provision_topics:
+            return
+        await ensure_topics(
+            self.settings.kafka,
+            [*self.topics.all(), *routed_topics(self.settings.topic_prefix, config)],
+            partitions=self.settings.kafka_partitions,
+            replication_factor=self.settings.kafka_replication_factor,
+        )
+
+    def _make_channel(self, name: str, context: ChannelContext) -> DirectoryChannel | None:
+        config = self.cluster.config
+        found = None
+        if config is not None:
+            found = next((c for c in config.channels if c.name == name), None)
+        if found is None:
+            return None
+        label = f"directory:{name}"
+
+        async def process(payload: bytes) -> bytes:
+            return await self.pipeline.handle_frame(
+                payload, label, channel=label, epoch=context.epoch
+            )
+
+        grace_until = asyncio.get_running_loop().time() + context.in_doubt_grace_s
+
+        async def already_published(event_id: str) -> bool:
+            # The previous owner's last publish may still land until its timeout.
+            await asyncio.sleep(max(0.0, grace_until - asyncio.get_running_loop().time()))
+            return await self._in_doubt.published(event_id)
+
+        return DirectoryChannel(
+            DirectorySettings(
+                name=name,
+                path=Path(found.path),
+                pattern=found.pattern,
+                done_dir=Path(found.done_path),
+                error_dir=Path(found.error_path),
+                poll_interval_s=found.poll_interval_s,
+                settle_s=found.settle_s,
+            ),
+            process=process,
+            progress=DirectoryProgress(context.progress),
+            still_owner=context.still_owner,
+            already_published=already_published,
+        )
+
     def _describe(self) -> dict[str, Any]:
         return {
             "instance_id": self.settings.instance_id,
@@ -266,6 +350,8 @@ class BridgeInstance:
             "http_port": self._http_port,
             "version": __version__,
             "started": self.started_at.isoformat(),
+            "session": self.zookeeper.state,
+            "config_version": self.cluster.config_version,
             "load": {
                 "mllp_connections": self.mllp.connection_count,
                 "frames_received": self.mllp.frames_received,
