@@ -15,17 +15,23 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge import __version__
 from bridge.config import SETTING_NAMES, Settings, build_settings, option_name
 from bridge.errors import BridgeError, ConfigError, UnavailableError
+
+if TYPE_CHECKING:
+    from bridge.cluster.cluster_config import ClusterConfig
+    from bridge.cluster.config_store import VersionedConfig
+    from bridge.coordination import ZooKeeperSession
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -214,6 +220,253 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
 
 
+# --- config and status (the cluster in ZooKeeper) -------------------------------------------
+
+#: The settings that say which cluster in which ZooKeeper: `config` and `status` take them
+#: like serve does (options, HL7BRIDGE_* variables, the --config file).
+CLUSTER_SETTINGS = ("zookeeper", "zookeeper_chroot", "zookeeper_session_timeout_s", "cluster")
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    _add_setting_options(parser, CLUSTER_SETTINGS)
+    parser.add_argument(
+        "--connect-timeout-s",
+        type=float,
+        default=10.0,
+        help="give up (exit 3) if ZooKeeper cannot be reached within this long (default: 10)",
+    )
+
+
+def _cluster_command(
+    args: argparse.Namespace, action: Callable[[ZooKeeperSession, Settings], Awaitable[int]]
+) -> int:
+    """Build the settings, connect to the cluster's ZooKeeper, run ``action``, disconnect."""
+    from bridge.coordination import ZooKeeperSession
+
+    settings = build_settings(file=args.config, cli=_cli_settings(args))
+    if not args.connect_timeout_s > 0:
+        raise ConfigError("--connect-timeout-s must be greater than 0", key="connect_timeout_s")
+    _setup_logging(settings.log_level)
+    if settings.log_level != "DEBUG":
+        # One clear message on failure instead of a kazoo warning per connection attempt.
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("kazoo").setLevel(logging.CRITICAL)
+
+    async def run() -> int:
+        session = ZooKeeperSession(
+            settings.zookeeper_servers,
+            settings.zookeeper_base_path,
+            session_timeout_s=settings.zookeeper_session_timeout_s,
+            connect_timeout_s=args.connect_timeout_s,
+        )
+        await session.start()
+        try:
+            return await action(session, settings)
+        finally:
+            await session.stop()
+
+    return _run(run())
+
+
+def _read_cluster_config_file(path: Path) -> ClusterConfig:
+    from bridge.cluster.cluster_config import parse_cluster_config
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", key="FILE") from exc
+    return parse_cluster_config(data, where=str(path))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def cmd_config_push(args: argparse.Namespace) -> int:
+    from bridge.cluster.config_store import ConfigStore
+
+    # Validate before connecting: a bad file is refused and nothing is written.
+    config = _read_cluster_config_file(args.file)
+
+    async def push(session: ZooKeeperSession, settings: Settings) -> int:
+        result = await ConfigStore(session).commit(config, source="cli")
+        if result.changed:
+            print(f"pushed version {result.version}")
+        else:
+            print(f"unchanged: version {result.version}")
+        return EXIT_OK
+
+    return _cluster_command(args, push)
+
+
+def _show_yaml(versioned: VersionedConfig) -> str:
+    import yaml
+
+    header = [
+        f"# cluster config version {versioned.version}, pushed {versioned.pushed_at}"
+        + (f" by {versioned.source}" if versioned.source else ""),
+        f"# digest sha256:{versioned.digest}",
+    ]
+    if versioned.rolled_back_to is not None:
+        header.append(f"# a rollback to version {versioned.rolled_back_to}")
+    body = yaml.safe_dump(
+        versioned.config.canonical(), sort_keys=False, allow_unicode=True, width=100
+    )
+    return "\n".join(header) + "\n" + body
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from bridge.cluster.config_store import ConfigStore
+
+    async def show(session: ZooKeeperSession, settings: Settings) -> int:
+        store = ConfigStore(session)
+        versioned = await (store.get(args.version) if args.version else store.current())
+        if versioned is None:
+            print(
+                f"hl7bridge config show: no cluster config has been pushed to cluster "
+                f"{settings.cluster!r} ({session.base_path})",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        if args.json:
+            _print_json(versioned.to_json())
+        else:
+            sys.stdout.write(_show_yaml(versioned))
+        return EXIT_OK
+
+    return _cluster_command(args, show)
+
+
+def cmd_config_history(args: argparse.Namespace) -> int:
+    from bridge.cluster.config_store import ConfigStore
+
+    async def history(session: ZooKeeperSession, settings: Settings) -> int:
+        versions = await ConfigStore(session).history()
+        if args.json:
+            _print_json([{k: v for k, v in r.to_json().items() if k != "config"} for r in versions])
+            return EXIT_OK
+        if not versions:
+            print(f"hl7bridge config history: no versions in {session.base_path}", file=sys.stderr)
+            return EXIT_OK
+        width = len(str(versions[-1].version))
+        for r in versions:
+            note = f"  rollback to {r.rolled_back_to}" if r.rolled_back_to is not None else ""
+            print(f"{r.version:>{width}}  {r.pushed_at}  {r.digest[:12]}  {r.source or '-'}{note}")
+        return EXIT_OK
+
+    return _cluster_command(args, history)
+
+
+def cmd_config_rollback(args: argparse.Namespace) -> int:
+    from bridge.cluster.config_store import ConfigStore
+
+    async def rollback(session: ZooKeeperSession, settings: Settings) -> int:
+        store = ConfigStore(session)
+        earlier = await store.get(args.version)
+        result = await store.commit(earlier.config, source="cli", rolled_back_to=args.version)
+        if result.changed:
+            print(f"pushed version {result.version} (rollback to version {args.version})")
+        else:
+            print(
+                f"unchanged: version {result.version} "
+                f"(already the content of version {args.version})"
+            )
+        return EXIT_OK
+
+    return _cluster_command(args, rollback)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from bridge.cluster.status import read_status, render_status
+
+    async def status(session: ZooKeeperSession, settings: Settings) -> int:
+        found = await read_status(session, cluster=settings.cluster)
+        if args.json:
+            _print_json(found)
+        else:
+            sys.stdout.write(render_status(found))
+        return EXIT_OK
+
+    return _cluster_command(args, status)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a version number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"versions start at 1, not {value}")
+    return value
+
+
+def _add_config_parser(sub: Any) -> None:
+    config = sub.add_parser(
+        "config",
+        help="push, show, list and roll back the cluster config kept in ZooKeeper",
+        description=(
+            "The cluster config (accepted message types, directory channels, diagnosis rules, "
+            "topic routes; schema: schemas/cluster-config.schema.json) is shared by every "
+            "instance of a cluster and versioned in ZooKeeper. Every push makes a new version; "
+            "old versions are kept."
+        ),
+    )
+    actions = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+
+    push = actions.add_parser(
+        "push",
+        help="validate a YAML or JSON file and make it the current version",
+        description=(
+            "Validate FILE (YAML or JSON) and make it the new current version. A file that "
+            "does not validate is refused (exit 2, the message names the key) and nothing is "
+            "written. Prints 'pushed version N', or 'unchanged: version N' if the content is "
+            "already current."
+        ),
+    )
+    push.add_argument("file", metavar="FILE", type=Path)
+    _add_cluster_options(push)
+    push.set_defaults(func=cmd_config_push)
+
+    show = actions.add_parser(
+        "show",
+        help="print the current (or an earlier) version",
+        description=(
+            "Print the current version as YAML (a valid input for push), or as JSON with "
+            "its version, pushed_at and digest. Exit 1 if none was pushed."
+        ),
+    )
+    show.add_argument(
+        "--version", type=_positive_int, metavar="N", help="this version instead of the current"
+    )
+    show.add_argument("--json", action="store_true", help="print JSON with version and digest")
+    _add_cluster_options(show)
+    show.set_defaults(func=cmd_config_show)
+
+    history = actions.add_parser(
+        "history",
+        help="list every version pushed, oldest first",
+        description="One line per version: version, pushed_at, digest (12 hex), source.",
+    )
+    history.add_argument(
+        "--json", action="store_true", help="a JSON list (every field but the config itself)"
+    )
+    _add_cluster_options(history)
+    history.set_defaults(func=cmd_config_history)
+
+    rollback = actions.add_parser(
+        "rollback",
+        help="push the content of an earlier version again, as a new version",
+        description=(
+            "Make the content of version N current again as a new version (history stays "
+            "linear; the new version records rolled_back_to N). Prints 'pushed version M "
+            "(rollback to version N)'."
+        ),
+    )
+    rollback.add_argument("version", metavar="N", type=_positive_int)
+    _add_cluster_options(rollback)
+    rollback.set_defaults(func=cmd_config_rollback)
+
+
 # --- parser and main ------------------------------------------------------------------------
 
 
@@ -295,6 +548,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_setting_options(convert, CONVERT_SETTINGS)
     convert.set_defaults(func=cmd_convert)
+
+    _add_config_parser(sub)
+
+    status = sub.add_parser(
+        "status",
+        help="show the cluster's members, leader, channel owners and config version",
+        description=(
+            "Read the cluster's state from ZooKeeper: live members (host, ports, version, "
+            "load, ZooKeeper session), the leader and its epoch, which member owns each "
+            "channel, the current config version. --json prints it for scripts."
+        ),
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    _add_cluster_options(status)
+    status.set_defaults(func=cmd_status)
     return parser
 
 
