@@ -238,9 +238,14 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cluster_command(
-    args: argparse.Namespace, action: Callable[[ZooKeeperSession, Settings], Awaitable[int]]
+    args: argparse.Namespace,
+    action: Callable[[ZooKeeperSession, Settings], Awaitable[int]],
+    *,
+    writes: bool = True,
 ) -> int:
-    """Build the settings, connect to the cluster's ZooKeeper, run ``action``, disconnect."""
+    """Build the settings, connect to the cluster's ZooKeeper, run ``action``, disconnect.
+    A command that only reads (``writes`` False) creates nothing, not even the
+    cluster's base path (a mistyped ``--cluster`` must not leave a node behind)."""
     from bridge.coordination import ZooKeeperSession
 
     settings = build_settings(file=args.config, cli=_cli_settings(args))
@@ -258,6 +263,7 @@ def _cluster_command(
             settings.zookeeper_base_path,
             session_timeout_s=settings.zookeeper_session_timeout_s,
             connect_timeout_s=args.connect_timeout_s,
+            create_base=writes,
         )
         await session.start()
         try:
@@ -334,7 +340,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
             sys.stdout.write(_show_yaml(versioned))
         return EXIT_OK
 
-    return _cluster_command(args, show)
+    return _cluster_command(args, show, writes=False)
 
 
 def cmd_config_history(args: argparse.Namespace) -> int:
@@ -354,7 +360,7 @@ def cmd_config_history(args: argparse.Namespace) -> int:
             print(f"{r.version:>{width}}  {r.pushed_at}  {r.digest[:12]}  {r.source or '-'}{note}")
         return EXIT_OK
 
-    return _cluster_command(args, history)
+    return _cluster_command(args, history, writes=False)
 
 
 def cmd_config_rollback(args: argparse.Namespace) -> int:
@@ -387,7 +393,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             sys.stdout.write(render_status(found))
         return EXIT_OK
 
-    return _cluster_command(args, status)
+    return _cluster_command(args, status, writes=False)
 
 
 def _positive_int(text: str) -> int:

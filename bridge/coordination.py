@@ -50,11 +50,13 @@ class ZooKeeperSession:
         *,
         session_timeout_s: float = 6.0,
         connect_timeout_s: float = 15.0,
+        create_base: bool = True,
     ) -> None:
         self.servers = servers
         self.base_path = base_path.rstrip("/") or "/"
         self._session_timeout_s = session_timeout_s
         self._connect_timeout_s = connect_timeout_s
+        self._create_base = create_base
         self._client: KazooClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[StateListener] = []
@@ -104,7 +106,8 @@ class ZooKeeperSession:
                 f"{self._connect_timeout_s:g} s"
             ) from exc
         self.state = "CONNECTED"
-        await self.call(client.ensure_path, self.base_path)
+        if self._create_base:
+            await self.call(client.ensure_path, self.base_path)
 
     async def stop(self) -> None:
         """Close the session (its ephemeral nodes go at once). Idempotent."""
