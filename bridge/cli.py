@@ -224,7 +224,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 #: The settings that say which cluster in which ZooKeeper: `config` and `status` take them
 #: like serve does (options, HL7BRIDGE_* variables, the --config file).
-CLUSTER_SETTINGS = ("zookeeper", "zookeeper_chroot", "zookeeper_session_timeout_s", "cluster")
+CLUSTER_SETTINGS = (
+    "zookeeper",
+    "zookeeper_chroot",
+    "zookeeper_session_timeout_s",
+    "zookeeper_digest",
+    "cluster",
+)
 
 
 def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -264,6 +270,7 @@ def _cluster_command(
             session_timeout_s=settings.zookeeper_session_timeout_s,
             connect_timeout_s=args.connect_timeout_s,
             create_base=writes,
+            digest=settings.zookeeper_digest_value,
         )
         await session.start()
         try:

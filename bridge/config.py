@@ -26,6 +26,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -63,6 +64,9 @@ class Settings(BaseModel):
     """Base path of this cluster's znodes. Default ``/hl7bridge/<cluster>``."""
     zookeeper_session_timeout_s: float = Field(default=6.0, ge=1.0, le=60.0)
     """ZooKeeper session timeout; an instance that dies leaves the cluster after it."""
+    zookeeper_digest: SecretStr | None = None
+    """``user:password`` for ZooKeeper digest authentication; when set, every znode the
+    bridge creates gets an ACL that allows this identity only."""
     cluster: str = "default"
     """Cluster name: instances with the same name coordinate."""
     instance_id: str = Field(default_factory=_default_instance_id)
@@ -255,6 +259,10 @@ class Settings(BaseModel):
         )
 
     # --- derived ----------------------------------------------------------------
+    @property
+    def zookeeper_digest_value(self) -> str | None:
+        return None if self.zookeeper_digest is None else self.zookeeper_digest.get_secret_value()
+
     @property
     def zookeeper_servers(self) -> str:
         """The connect string without any chroot suffix."""

@@ -29,6 +29,7 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
+from kazoo.security import make_digest_acl
 
 from bridge.errors import CoordinationError, LifecycleError, describe_failure
 
@@ -51,12 +52,14 @@ class ZooKeeperSession:
         session_timeout_s: float = 6.0,
         connect_timeout_s: float = 15.0,
         create_base: bool = True,
+        digest: str | None = None,
     ) -> None:
         self.servers = servers
         self.base_path = base_path.rstrip("/") or "/"
         self._session_timeout_s = session_timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._create_base = create_base
+        self._digest = digest
         self._client: KazooClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listeners: list[StateListener] = []
@@ -89,9 +92,17 @@ class ZooKeeperSession:
         if self._client is not None:
             raise LifecycleError("ZooKeeperSession.start() called twice")
         self._loop = asyncio.get_running_loop()
+        auth: dict[str, Any] = {}
+        if self._digest is not None:
+            user, _, password = self._digest.partition(":")
+            auth = {
+                "auth_data": [("digest", self._digest)],
+                "default_acl": [make_digest_acl(user, password, all=True)],
+            }
         client = KazooClient(
             hosts=self.servers,
             timeout=self._session_timeout_s,
+            **auth,
             connection_retry=KazooRetry(max_tries=-1, delay=0.2, max_delay=2.0),
             command_retry=KazooRetry(max_tries=3, delay=0.1, max_delay=1.0),
         )

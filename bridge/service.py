@@ -65,6 +65,7 @@ class BridgeInstance:
             settings.zookeeper_servers,
             settings.zookeeper_base_path,
             session_timeout_s=settings.zookeeper_session_timeout_s,
+            digest=settings.zookeeper_digest_value,
         )
         self.publisher = KafkaPublisher(
             settings.kafka,

@@ -303,3 +303,55 @@ async def _all_owned(instance: BridgeInstance, names: list[str]) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_digest_acls_keep_other_clients_out(
+    start_instance: InstanceFactory, broker: Any, zookeeper: Any, zk_chroot: str
+) -> None:
+    from kazoo.exceptions import NoAuthError
+
+    from bridge.cluster.status import read_status
+    from bridge.coordination import ZooKeeperSession
+
+    instance = await start_instance(
+        broker.bootstrap, instance_id="acl-1", cluster="secure", zookeeper_digest="bridge:s3cret"
+    )
+    await eventually(lambda: _true(instance.cluster.election.is_leader), 5)
+    members = instance.zookeeper.path(layout.MEMBERS)
+    outsider = KazooClient(hosts=zookeeper.hosts)  # paths below are absolute
+    await asyncio.to_thread(outsider.start, 10)
+    try:
+        with pytest.raises(NoAuthError):
+            await asyncio.to_thread(outsider.get_children, members)
+        with pytest.raises(NoAuthError):
+            await asyncio.to_thread(outsider.set, instance.zookeeper.path(layout.LEADER), b"{}")
+    finally:
+        await asyncio.to_thread(outsider.stop)
+        await asyncio.to_thread(outsider.close)
+    insider = ZooKeeperSession(
+        zookeeper.hosts, instance.zookeeper.base_path, digest="bridge:s3cret"
+    )
+    await insider.start()
+    try:
+        status = await read_status(insider, cluster="secure")
+    finally:
+        await insider.stop()
+    assert status["leader"] == "acl-1"
+    assert [m["instance"] for m in status["members"]] == ["acl-1"]
+
+
+async def test_topic_routing_from_the_cluster_config(
+    start_instance: InstanceFactory, broker: Any, topic_prefix: str
+) -> None:
+    from adapters.mllp.client import MLLPClient
+    from bridge.cluster.cluster_config import Route
+
+    (instance,) = await start_cluster(start_instance, broker, 1)
+    version = await push(instance, ClusterConfig(routes=[Route(match="ORU", topic_suffix="lab")]))
+    await eventually(lambda: _true(instance.cluster.config_version == version), 2)
+    async with MLLPClient("127.0.0.1", instance.mllp.port) as client:
+        await client.send(message("ROUTE1").encode(), timeout_s=10)
+    routed = await read_topic(broker.bootstrap, f"{topic_prefix}.events.lab", min_records=1)
+    assert [dict(r.headers)["ce_hl7controlid"] for r in routed] == [b"ROUTE1"]
+    default = await read_topic(broker.bootstrap, f"{topic_prefix}.events", timeout_s=2)
+    assert default == []
