@@ -165,6 +165,8 @@ async def test_kill_9_of_the_leader_elects_a_new_one_and_moves_its_channels(
 
     await eventually(moved, max(0.5, SESSION_TIMEOUT_S + 2 - (time.monotonic() - killed_at)))
     assert time.monotonic() - killed_at <= SESSION_TIMEOUT_S + 2
+    members = await c.session.call(c.session.client.get_children, c.session.path(layout.MEMBERS))
+    assert sorted(members) == survivors  # the dead member's node went with its session
 
 
 async def test_500_messages_in_batch_files_published_exactly_once_despite_a_kill_9(
