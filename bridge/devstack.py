@@ -14,6 +14,10 @@ on a running event loop is refused), ``start()`` while running is a
 :class:`LifecycleError`, ``stop()`` is idempotent, and ``start()`` after
 ``stop()`` comes back on the same port.
 
+For fault tests, :class:`EmbeddedEnsemble` runs the same ZooKeeper as a quorum of
+(by default) three :class:`EnsembleNode` processes on loopback, each of which can be
+stopped and started again on its own ports with its own data.
+
 Each child runs in its own process group, its output goes to a log file (never
 to our stdout, which ``hl7bridge dev`` reserves for its ``ready`` line), and it
 is stopped with SIGTERM to the group, then SIGKILL, and always reaped. A
@@ -35,9 +39,11 @@ import tempfile
 import time
 import uuid
 import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import IO, ClassVar, Self, TypeAlias
+from typing import IO, ClassVar, NamedTuple, Self, TypeAlias
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
@@ -52,7 +58,10 @@ __all__ = [
     "DEFAULT_ZOOKEEPER_JAR",
     "DevStack",
     "EmbeddedBroker",
+    "EmbeddedEnsemble",
     "EmbeddedZooKeeper",
+    "EnsembleNode",
+    "NodePorts",
     "free_port",
 ]
 
@@ -83,6 +92,13 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 #: Tansu settings read from the environment that the command line does not override:
 #: the dev broker validates no schemas and exports no traces.
 _TANSU_ENV_OVERRIDES = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
+#: An ensemble member's limits, in ticks: to connect and sync with the leader after
+#: an election (initLimit), and how far a follower may lag before it is dropped and
+#: how long it waits on a silent leader (syncLimit). At 500 ms ticks: 5 s and 2.5 s.
+_INIT_LIMIT_TICKS = 10
+_SYNC_LIMIT_TICKS = 5
+#: How ``srvr`` names the role of a server that serves clients (only such say it).
+_MODE_LINE = re.compile(r"^Mode: (\w+)$", re.MULTILINE)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,6 +107,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _free_ports(host: str, count: int) -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` right now (all bound at once)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -152,7 +179,8 @@ _Finalizer: TypeAlias = "weakref.finalize[[subprocess.Popen[bytes], IO[bytes]], 
 class _ServerProcess(abc.ABC):
     """One server as a child process: spawn, wait until it answers, stop, restart."""
 
-    _name: ClassVar[str]
+    #: How errors name the server; a class attribute, unless an instance sets its own.
+    _name: str
     _error: ClassVar[type[UnavailableError]]
 
     def __init__(self, *, host: str, port: int | None, startup_timeout_s: float) -> None:
@@ -241,6 +269,7 @@ class _ServerProcess(abc.ABC):
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self._env(),
+            cwd=self._cwd(),
             start_new_session=True,
         )
 
@@ -265,6 +294,10 @@ class _ServerProcess(abc.ABC):
 
     def _env(self) -> dict[str, str]:
         return dict(os.environ)
+
+    def _cwd(self) -> Path | None:
+        """The child's working directory; None inherits ours."""
+        return None
 
     def _log_hint(self) -> str:
         return ""
@@ -292,6 +325,7 @@ class EmbeddedZooKeeper(_ServerProcess):
 
     _name = "ZooKeeper"
     _error = CoordinationError
+    _main_class: ClassVar[str] = "org.apache.zookeeper.server.ZooKeeperServerMain"
 
     def __init__(
         self,
@@ -340,18 +374,7 @@ class EmbeddedZooKeeper(_ServerProcess):
         data = self.data_dir / "data"
         data.mkdir(exist_ok=True)
         config = self.data_dir / "zoo.cfg"
-        config.write_text(
-            f"tickTime={self._tick_time_ms}\n"
-            f"dataDir={data}\n"
-            f"clientPort={port}\n"
-            f"clientPortAddress={self._host}\n"
-            "admin.enableServer=false\n"
-            # Lets tests expire sessions quickly; real deployments set their own.
-            "minSessionTimeout=1000\n"
-            "maxSessionTimeout=60000\n"
-            # The readiness probe and operators' `echo mntr | nc` need these.
-            "4lw.commands.whitelist=*\n"
-        )
+        config.write_text(self._config(port, data))
         log4j = self.data_dir / "log4j.properties"
         log4j.write_text(
             "log4j.rootLogger=INFO, CONSOLE\n"
@@ -369,9 +392,24 @@ class EmbeddedZooKeeper(_ServerProcess):
             "-Dzookeeper.jmx.log4j.disable=true",
             "-cp",
             os.pathsep.join(str(p) for p in class_path),
-            "org.apache.zookeeper.server.ZooKeeperServerMain",
+            self._main_class,
             str(config),
         ]
+
+    def _config(self, port: int, data: Path) -> str:
+        """The text of ``zoo.cfg``."""
+        return (
+            f"tickTime={self._tick_time_ms}\n"
+            f"dataDir={data}\n"
+            f"clientPort={port}\n"
+            f"clientPortAddress={self._host}\n"
+            "admin.enableServer=false\n"
+            # Lets tests expire sessions quickly; real deployments set their own.
+            "minSessionTimeout=1000\n"
+            "maxSessionTimeout=60000\n"
+            # The readiness probe and operators' `echo mntr | nc` need these.
+            "4lw.commands.whitelist=*\n"
+        )
 
     def _probe(self, port: int) -> bool:
         # `conf` names the data directory, so the answer proves it is our server.
@@ -392,6 +430,300 @@ def _four_letter_word(host: str, port: int, command: bytes) -> str:
     except OSError:
         return ""
     return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _file_tail(path: Path) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
+            text = log.read().decode("utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    return text.strip() or "(the log is empty)"
+
+
+class NodePorts(NamedTuple):
+    """An ensemble member's TCP ports: for clients, for followers to reach the leader,
+    and for leader election."""
+
+    client: int
+    peer: int
+    election: int
+
+
+class EnsembleNode(EmbeddedZooKeeper):
+    """One member of an :class:`EmbeddedEnsemble`: a ZooKeeper quorum peer.
+
+    ``server_id`` is its ``myid`` (1 for the first member); ``ports`` are those of
+    every member, in server id order. All are fixed, so a restart rejoins the
+    ensemble on the same ports with the data it kept in ``data_dir/data``.
+
+    ``start()`` returns once the JVM answers on the client port: a member serves
+    clients only as part of a quorum, which :class:`EmbeddedEnsemble` waits for.
+    """
+
+    _main_class = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        server_id: int,
+        ports: Sequence[NodePorts],
+        host: str = "127.0.0.1",
+        java: str = "java",
+        zookeeper_jar: Path = DEFAULT_ZOOKEEPER_JAR,
+        tick_time_ms: int = 500,
+        startup_timeout_s: float = 30.0,
+    ) -> None:
+        if not 1 <= server_id <= len(ports):
+            raise ValueError(f"server_id {server_id} is not one of 1-{len(ports)}")
+        #: This member's own ports.
+        self.ports = ports[server_id - 1]
+        super().__init__(
+            data_dir,
+            host=host,
+            port=self.ports.client,
+            java=java,
+            zookeeper_jar=zookeeper_jar,
+            tick_time_ms=tick_time_ms,
+            startup_timeout_s=startup_timeout_s,
+        )
+        self.server_id = server_id
+        self._ensemble_ports = tuple(ports)
+        self._name = f"ZooKeeper ensemble member {server_id}"
+
+    @property
+    def mode(self) -> str | None:
+        """``leader`` or ``follower`` while it serves clients, else None (stopped, or
+        no quorum). An ensemble of one runs ``standalone``."""
+        if not self.running:
+            return None
+        match = _MODE_LINE.search(_four_letter_word(self._host, self.port, b"srvr"))
+        return match.group(1) if match else None
+
+    def serves_session(self, session_id: int) -> bool:
+        """True if the client of ``session_id`` (kazoo: ``client.client_id[0]``) is
+        connected to this member now."""
+        if not self.running:
+            return False
+        answer = _four_letter_word(self._host, self.port, b"cons")
+        return f"sid=0x{session_id:x}," in answer
+
+    def check_alive(self) -> None:
+        """Raise :class:`CoordinationError`, with the end of its log, if the member's
+        process has exited (a ZooKeeper that cannot bind a port exits by itself)."""
+        if self._proc is None:
+            raise LifecycleError(f"{self._name} is not started")
+        returncode = self._proc.poll()
+        if returncode is not None:
+            raise CoordinationError(self._failure(self.port, returncode, _file_tail(self.log_path)))
+
+    def _start_on_some_port(self) -> None:
+        # The base class checks the client port only.
+        for port in (self.ports.peer, self.ports.election):
+            if not _port_is_free(self._host, port):
+                raise CoordinationError(
+                    f"{self._name} cannot start: port {self._host}:{port} is in use"
+                )
+        super()._start_on_some_port()
+
+    def _argv(self, port: int) -> list[str]:
+        data = self.data_dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "myid").write_text(f"{self.server_id}\n")
+        return super()._argv(port)
+
+    def _config(self, port: int, data: Path) -> str:
+        servers = "".join(
+            f"server.{server_id}={self._host}:{ports.peer}:{ports.election}\n"
+            for server_id, ports in enumerate(self._ensemble_ports, start=1)
+        )
+        return (
+            super()._config(port, data)
+            + f"initLimit={_INIT_LIMIT_TICKS}\n"
+            + f"syncLimit={_SYNC_LIMIT_TICKS}\n"
+            + servers
+        )
+
+    def _cwd(self) -> Path:
+        return self.data_dir
+
+    def _probe(self, port: int) -> bool:
+        # Without a quorum a member answers `conf` with "not currently serving";
+        # `envi` answers always, and names the working directory: our data_dir.
+        answer = _four_letter_word(self._host, port, b"envi")
+        return f"user.dir={self.data_dir}\n" in answer
+
+
+class EmbeddedEnsemble:
+    """A ZooKeeper ensemble of ``size`` members on ``host``, for fault tests.
+
+    Member ``i`` (0-based; its ``myid`` is ``i + 1``) is an :class:`EnsembleNode` in
+    ``data_dir/node{i + 1}``. Every port is chosen at construction, so a member
+    brought back with :meth:`start_node` is where the others and the clients expect
+    it, and ``start()`` after ``stop()`` comes back on the same ports too.
+
+    A majority of the members (:attr:`quorum`: 2 of 3) keeps the ensemble serving,
+    sessions included; with fewer, the members left refuse clients until enough come
+    back. Sessions cannot expire meanwhile: only a serving leader expires them.
+
+    ``start()`` blocks until every member serves (about 1.5 s for three), refused on
+    a running event loop like the other servers here; ``stop()`` is idempotent.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        size: int = 3,
+        tick_time_ms: int = 500,
+        *,
+        host: str = "127.0.0.1",
+        java: str = "java",
+        zookeeper_jar: Path = DEFAULT_ZOOKEEPER_JAR,
+        startup_timeout_s: float = 30.0,
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"an ensemble needs at least one member, not {size}")
+        self.data_dir = data_dir.resolve()
+        self._startup_timeout_s = startup_timeout_s
+        # All at once, so no two members (or two ports of one) get the same port.
+        free = _free_ports(host, 3 * size)
+        ports = [NodePorts(*free[3 * i : 3 * i + 3]) for i in range(size)]
+        #: The members, in server id order.
+        self.nodes = tuple(
+            EnsembleNode(
+                self.data_dir / f"node{server_id}",
+                server_id=server_id,
+                ports=ports,
+                host=host,
+                java=java,
+                zookeeper_jar=zookeeper_jar,
+                tick_time_ms=tick_time_ms,
+                startup_timeout_s=startup_timeout_s,
+            )
+            for server_id in range(1, size + 1)
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def quorum(self) -> int:
+        """How many members must run for the ensemble to serve: a majority."""
+        return self.size // 2 + 1
+
+    @property
+    def hosts(self) -> str:
+        """The kazoo connection string of every member: ``host:p1,host:p2,host:p3``."""
+        return ",".join(node.hosts for node in self.nodes)
+
+    def node_hosts(self, i: int) -> str:
+        """The kazoo connection string of member ``i`` alone: ``host:port``."""
+        return self._node(i).hosts
+
+    @property
+    def running(self) -> list[int]:
+        """The members whose process runs (serving or not)."""
+        return [i for i, node in enumerate(self.nodes) if node.running]
+
+    def leader(self) -> int | None:
+        """The member that leads now, or None (no quorum, or an election under way)."""
+        return next((i for i, node in enumerate(self.nodes) if node.mode == "leader"), None)
+
+    def node_of_session(self, session_id: int) -> int | None:
+        """The member the client of ``session_id`` is connected to now, or None."""
+        return next(
+            (i for i, node in enumerate(self.nodes) if node.serves_session(session_id)), None
+        )
+
+    def start(self) -> None:
+        """Start every member, together, and block until each serves (a quorum formed).
+
+        Stops them all again on any failure.
+        """
+        _refuse_on_event_loop(type(self).__name__)
+        if any(node.pid is not None for node in self.nodes):
+            raise LifecycleError(
+                "the ZooKeeper ensemble is already started; use start_node() for one member"
+            )
+        try:
+            # One JVM takes ~0.8 s to answer: three in parallel, not one after another.
+            with ThreadPoolExecutor(self.size, thread_name_prefix="zk-ensemble") as pool:
+                started = [pool.submit(node.start) for node in self.nodes]
+            for future in started:
+                future.result()  # raises the first member's error, if any
+            self._wait_serving(range(self.size))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every member and reap it. Safe to call twice, or before start()."""
+        with contextlib.ExitStack() as stack:
+            for node in self.nodes:
+                stack.callback(node.stop)
+
+    def stop_node(self, i: int) -> None:
+        """Stop member ``i`` (SIGTERM to its process group, as ``stop()``). Idempotent."""
+        self._node(i).stop()
+
+    def start_node(self, i: int) -> None:
+        """Start member ``i`` again, on its ports and with its data.
+
+        Blocks until it serves when a majority of the members would then run (it has
+        rejoined: synced with the leader); with fewer it cannot serve, so this returns
+        once it answers. Stops it again on any failure.
+        """
+        _refuse_on_event_loop(type(self).__name__)
+        node = self._node(i)
+        node.start()
+        try:
+            if len(self.running) >= self.quorum:
+                self._wait_serving([i])
+        except BaseException:
+            node.stop()
+            raise
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _node(self, i: int) -> EnsembleNode:
+        if not 0 <= i < self.size:
+            raise IndexError(f"the ensemble has members 0-{self.size - 1}, not {i}")
+        return self.nodes[i]
+
+    def _wait_serving(self, members: Sequence[int]) -> None:
+        """Block until each of ``members`` serves; CoordinationError if one exits or
+        the startup timeout runs out."""
+        deadline = time.monotonic() + self._startup_timeout_s
+        waiting = list(members)
+        while True:
+            for i in waiting:
+                self.nodes[i].check_alive()
+            waiting = [i for i in waiting if self.nodes[i].mode is None]
+            if not waiting:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_INTERVAL_S)
+        names = ", ".join(str(self.nodes[i].server_id) for i in waiting)
+        logs = ", ".join(str(self.nodes[i].log_path) for i in waiting)
+        raise CoordinationError(
+            f"the ZooKeeper ensemble on {self.hosts} did not serve within "
+            f"{self._startup_timeout_s:g} s: member(s) {names} formed no quorum, "
+            f"{len(self.running)} of {self.size} running, {self.quorum} needed (logs: {logs})"
+        )
 
 
 class EmbeddedBroker(_ServerProcess):

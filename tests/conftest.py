@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from kazoo.client import KazooClient
 
-from bridge.devstack import EmbeddedBroker, EmbeddedZooKeeper
+from bridge.devstack import EmbeddedBroker, EmbeddedEnsemble, EmbeddedZooKeeper
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Public corpora kept beside the repository, never copied into it.
@@ -49,6 +49,14 @@ def zk_chroot(zookeeper: EmbeddedZooKeeper) -> str:
 def zk_hosts_chrooted(zookeeper: EmbeddedZooKeeper, zk_chroot: str) -> str:
     """The kazoo hosts string rooted at this test's chroot: ``127.0.0.1:PORT/t-...``."""
     return f"{zookeeper.hosts}{zk_chroot}"
+
+
+@pytest.fixture
+def zk_ensemble(tmp_path: Path) -> Iterator[EmbeddedEnsemble]:
+    """A three-member ZooKeeper ensemble of this test's own (tickTime 500 ms), for
+    fault tests: stop and start members freely; all are stopped after the test."""
+    with EmbeddedEnsemble(tmp_path / "zk-ensemble") as ensemble:
+        yield ensemble
 
 
 @pytest.fixture(scope="session")
