@@ -31,7 +31,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 from kazoo.security import make_digest_acl
 
-from bridge.errors import CoordinationError, LifecycleError, describe_failure
+from bridge.errors import BridgeError, CoordinationError, LifecycleError, describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -248,3 +248,64 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float) -
         if asyncio.get_running_loop().time() >= deadline:
             return False
         await asyncio.sleep(0.05)
+
+
+class Rerun:
+    """Work that must run again whenever something changed, but never twice at once:
+    :meth:`request` starts a run, or asks the running one to go round once more.
+    ZooKeeper watches fire in kazoo's threads: :meth:`request_threadsafe` is theirs.
+
+    A run that fails with a :class:`BridgeError` (ZooKeeper or Kafka away) is logged
+    and retried after ``retry_s``; ``enabled`` is asked before every run (False:
+    nothing to do)."""
+
+    def __init__(
+        self,
+        work: Callable[[], Awaitable[None]],
+        *,
+        what: str,
+        enabled: Callable[[], bool],
+        retry_s: float = 0.5,
+    ) -> None:
+        self._work = work
+        self._what = what
+        self._enabled = enabled
+        self._retry_s = retry_s
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def request(self, *_: object) -> None:
+        if not self._enabled():
+            return
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._loop_runs())
+
+    def request_threadsafe(self, *_: object) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.request)
+
+    async def cancel(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _loop_runs(self) -> None:
+        while self._enabled():
+            self._again = False
+            try:
+                await self._work()
+            except BridgeError as exc:
+                log.warning("%s: %s; will retry", self._what, describe_failure(exc))
+                await asyncio.sleep(self._retry_s)
+                self._again = True
+            if not self._again:
+                return

@@ -176,7 +176,29 @@ def _log_tail(log: IO[bytes], since: int) -> str:
 _Finalizer: TypeAlias = "weakref.finalize[[subprocess.Popen[bytes], IO[bytes]], _ServerProcess]"
 
 
-class _ServerProcess(abc.ABC):
+class _StartStop:
+    """``with`` starts and stops: the servers and stacks below are context managers."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class _ServerProcess(_StartStop, abc.ABC):
     """One server as a child process: spawn, wait until it answers, stop, restart."""
 
     #: How errors name the server; a class attribute, unless an instance sets its own.
@@ -224,18 +246,6 @@ class _ServerProcess(abc.ABC):
             self._finalizer()
         self._finalizer = None
         self._proc = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _start_on_some_port(self) -> None:
         port_is_fixed = self._port is not None
@@ -556,7 +566,7 @@ class EnsembleNode(EmbeddedZooKeeper):
         return f"user.dir={self.data_dir}\n" in answer
 
 
-class EmbeddedEnsemble:
+class EmbeddedEnsemble(_StartStop):
     """A ZooKeeper ensemble of ``size`` members on ``host``, for fault tests.
 
     Member ``i`` (0-based; its ``myid`` is ``i + 1``) is an :class:`EnsembleNode` in
@@ -686,18 +696,6 @@ class EmbeddedEnsemble:
             node.stop()
             raise
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _node(self, i: int) -> EnsembleNode:
         if not 0 <= i < self.size:
             raise IndexError(f"the ensemble has members 0-{self.size - 1}, not {i}")
@@ -819,7 +817,7 @@ async def _cluster_id(bootstrap: str) -> str | None:
     return cluster_id
 
 
-class DevStack:
+class DevStack(_StartStop):
     """ZooKeeper and the broker together: started in that order, stopped in reverse.
 
     With ``data_dir`` None everything goes to a temporary directory made at
@@ -904,15 +902,3 @@ class DevStack:
                 if self._tempdir is not None:
                     self._tempdir.cleanup()
                     self._tempdir = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

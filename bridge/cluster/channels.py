@@ -41,7 +41,7 @@ from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
 from bridge.cluster import layout
 from bridge.cluster.election import LeaderElection
-from bridge.coordination import ZooKeeperSession
+from bridge.coordination import Rerun, ZooKeeperSession
 from bridge.errors import CoordinationError, describe_failure
 
 log = logging.getLogger(__name__)
@@ -205,24 +205,23 @@ class ChannelRunner:
         self._grace_s = in_doubt_grace_s
         self._configured: list[str] = []
         self.owned: dict[str, OwnedChannel] = {}
-        self._reconciling: asyncio.Task[None] | None = None
-        self._again = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
+        self._rerun = Rerun(
+            self._reconcile,
+            what="channel reconcile",
+            enabled=lambda: self._running and self._session.connected,
+        )
         session.add_listener(self._on_state)
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._rerun.bind(asyncio.get_running_loop())
         self._running = True
         self.schedule()
 
     async def stop(self) -> None:
         """Stop every channel and release its lock (a graceful handover)."""
         self._running = False
-        if self._reconciling is not None:
-            self._reconciling.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reconciling
+        await self._rerun.cancel()
         for name in list(self.owned):
             await self._release(name)
 
@@ -231,30 +230,11 @@ class ChannelRunner:
         self.schedule()
 
     def schedule(self) -> None:
-        """Reconcile soon (from the loop; ZooKeeper watches come through :meth:`_poke`)."""
-        if not self._running:
-            return
-        if self._reconciling is not None and not self._reconciling.done():
-            self._again = True
-            return
-        self._reconciling = asyncio.get_running_loop().create_task(self._reconcile_loop())
+        """Reconcile soon (ZooKeeper watches come through ``_poke``)."""
+        self._rerun.request()
 
     def _poke(self, *_: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.schedule)
-
-    async def _reconcile_loop(self) -> None:
-        while True:
-            self._again = False
-            try:
-                await self._reconcile()
-            except CoordinationError as exc:
-                log.warning("channel reconcile: %s; will retry", describe_failure(exc))
-                await asyncio.sleep(0.5)
-                self._again = True
-            if not self._again or not self._running:
-                return
+        self._rerun.request_threadsafe()
 
     async def _reconcile(self) -> None:
         if not self._session.connected:

@@ -66,6 +66,13 @@ def _duplicates(values: list[str]) -> list[str]:
     return sorted(value for value, count in Counter(values).items() if count > 1)
 
 
+def _unique(values: list[str], message: str) -> None:
+    """Raise ``message: [names]`` when a name is used more than once."""
+    twice = _duplicates(values)
+    if twice:
+        raise ValueError(f"{message}: {twice}")
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
@@ -198,25 +205,19 @@ class ClusterConfig(_Model):
     @field_validator("channels")
     @classmethod
     def _unique_channels(cls, values: list[DirectoryChannelConfig]) -> list[DirectoryChannelConfig]:
-        twice = _duplicates([c.name for c in values])
-        if twice:
-            raise ValueError(f"channel names must be unique; used more than once: {twice}")
+        _unique([c.name for c in values], "channel names must be unique; used more than once")
         return values
 
     @field_validator("diagnosis_rules")
     @classmethod
     def _unique_rules(cls, values: list[DiagnosisRule]) -> list[DiagnosisRule]:
-        twice = _duplicates([r.name for r in values])
-        if twice:
-            raise ValueError(f"rule names must be unique; used more than once: {twice}")
+        _unique([r.name for r in values], "rule names must be unique; used more than once")
         return values
 
     @field_validator("routes")
     @classmethod
     def _unique_routes(cls, values: list[Route]) -> list[Route]:
-        twice = _duplicates([r.match for r in values])
-        if twice:
-            raise ValueError(f"each route match may appear once; more than once: {twice}")
+        _unique([r.match for r in values], "each route match may appear once; more than once")
         return values
 
     def canonical(self) -> dict[str, Any]:

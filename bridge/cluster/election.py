@@ -35,10 +35,10 @@ from typing import Any, Literal
 
 import orjson
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
-from kazoo.protocol.states import WatchedEvent, ZnodeStat
+from kazoo.protocol.states import ZnodeStat
 
 from bridge.cluster import layout
-from bridge.coordination import ZooKeeperSession
+from bridge.coordination import Rerun, ZooKeeperSession
 from bridge.errors import CoordinationError, describe_failure
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,7 @@ class LeaderElection:
         self._node: str | None = None
         self._listeners: list[RoleListener] = []
         self._running = False
-        self._evaluating: asyncio.Task[None] | None = None
-        self._again = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rerun = Rerun(self._evaluate, what="leader election", enabled=lambda: self._running)
         session.add_listener(self._on_state)
 
     # --- public -----------------------------------------------------------------------
@@ -96,7 +94,7 @@ class LeaderElection:
         self._listeners.append(listener)
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._rerun.bind(asyncio.get_running_loop())
         self._running = True
         await self._session.call(self._session.client.ensure_path, self._path())
         await self._candidate()
@@ -105,10 +103,7 @@ class LeaderElection:
     async def stop(self) -> None:
         """Withdraw: delete the candidate node so the next candidate takes over now."""
         self._running = False
-        if self._evaluating is not None:
-            self._evaluating.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._evaluating
+        await self._rerun.cancel()
         node, self._node = self._node, None
         self._set_role("follower")
         if node is not None and self._session.connected:
@@ -152,7 +147,9 @@ class LeaderElection:
             return
         self._set_role("follower")
         predecessor = self._path(candidates[position - 1])
-        exists = await self._session.call(client.exists, predecessor, watch=self._on_watch)
+        exists = await self._session.call(
+            client.exists, predecessor, watch=self._rerun.request_threadsafe
+        )
         if exists is None:  # gone between listing and watching
             await self._evaluate()
 
@@ -190,32 +187,6 @@ class LeaderElection:
 
     # --- callbacks ----------------------------------------------------------------------
 
-    def _on_watch(self, event: WatchedEvent) -> None:
-        # kazoo's thread: hand over to the loop.
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._schedule)
-
-    def _schedule(self) -> None:
-        if not self._running:
-            return
-        if self._evaluating is not None and not self._evaluating.done():
-            self._again = True
-            return
-        self._evaluating = asyncio.get_running_loop().create_task(self._evaluate_safely())
-
-    async def _evaluate_safely(self) -> None:
-        while True:
-            self._again = False
-            try:
-                await self._evaluate()
-            except CoordinationError as exc:
-                log.warning("leader election: %s; will retry", describe_failure(exc))
-                await asyncio.sleep(0.5)
-                self._again = True
-            if not self._again or not self._running:
-                return
-
     def _on_state(self, state: str) -> None:
         if not self._running:
             return
@@ -240,7 +211,7 @@ class LeaderElection:
                 await rejoin()
             except CoordinationError as exc:
                 log.warning("leader election after reconnect: %s", describe_failure(exc))
-                self._schedule()
+                self._rerun.request()
 
         # A paused leader is re-evaluated: leader again (same epoch) only if its node
         # survived and is still the lowest, else it hears "follower".

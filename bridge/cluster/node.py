@@ -15,19 +15,16 @@ with them (apply a config, provision topics, build a channel):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-
-from kazoo.protocol.states import WatchedEvent
 
 from bridge.cluster import layout
 from bridge.cluster.channels import ChannelAssigner, ChannelFactory, ChannelRunner
 from bridge.cluster.cluster_config import ClusterConfig
 from bridge.cluster.config_store import ConfigStore, VersionedConfig
 from bridge.cluster.election import LeaderElection, Role
-from bridge.coordination import ZooKeeperSession
-from bridge.errors import BridgeError, describe_failure
+from bridge.coordination import Rerun, ZooKeeperSession
+from bridge.errors import describe_failure
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +55,12 @@ class ClusterNode:
         self.config_store = ConfigStore(session)
         self.config: ClusterConfig | None = None
         self.config_version: int | None = None
-        self._duties: asyncio.Task[None] | None = None
-        self._duties_again = False
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
+        self._duties = Rerun(
+            self._duties_once,
+            what="leader duties",
+            enabled=lambda: self._running and self.election.is_leader,
+        )
         self._provisioned_epoch: int | None = None
         self.election.add_listener(self._on_role)
 
@@ -72,7 +71,7 @@ class ClusterNode:
         return [c.name for c in self.config.channels if c.enabled]
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._duties.bind(asyncio.get_running_loop())
         self._running = True
         await self.config_store.watch(self._on_config)
         await self.channels.start()
@@ -84,10 +83,7 @@ class ClusterNode:
         """Hand over: channels released, candidacy withdrawn (the next leader is
         elected at once, not after a session timeout)."""
         self._running = False
-        if self._duties is not None:
-            self._duties.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._duties
+        await self._duties.cancel()
         await self.channels.stop()
         await self.election.stop()
 
@@ -113,30 +109,8 @@ class ClusterNode:
         if role == "leader":
             self._schedule_duties()
 
-    def _on_members(self, event: WatchedEvent) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._schedule_duties)
-
     def _schedule_duties(self) -> None:
-        if not self._running or not self.election.is_leader:
-            return
-        if self._duties is not None and not self._duties.done():
-            self._duties_again = True
-            return
-        self._duties = asyncio.get_running_loop().create_task(self._duties_loop())
-
-    async def _duties_loop(self) -> None:
-        while self._running and self.election.is_leader:
-            self._duties_again = False
-            try:
-                await self._duties_once()
-            except BridgeError as exc:
-                log.warning("leader duties: %s; will retry", describe_failure(exc))
-                await asyncio.sleep(0.5)
-                self._duties_again = True
-            if not self._duties_again:
-                return
+        self._duties.request()
 
     async def _duties_once(self) -> None:
         session = self._session
@@ -147,7 +121,9 @@ class ClusterNode:
         # Watch the members (one-shot, set again on every pass).
         await session.call(session.client.ensure_path, session.path(layout.MEMBERS))
         await session.call(
-            session.client.get_children, session.path(layout.MEMBERS), watch=self._on_members
+            session.client.get_children,
+            session.path(layout.MEMBERS),
+            watch=self._duties.request_threadsafe,
         )
         await self.assigner.reconcile(self.channel_names)
 
