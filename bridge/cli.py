@@ -403,6 +403,63 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _cluster_command(args, status, writes=False)
 
 
+SUBSCRIBE_SETTINGS = (
+    *CLUSTER_SETTINGS,
+    "kafka",
+    "topic_prefix",
+    "kafka_idempotence",
+    "kafka_publish_timeout_s",
+    "log_level",
+)
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from bridge.diagnosis.handlers import ExecHandler, Handler, WebhookHandler
+    from bridge.diagnosis.subscriber import Subscriber, SubscriberSettings
+
+    settings = build_settings(file=args.config, cli=_cli_settings(args))
+    if not args.max_attempts >= 1:
+        raise ConfigError("--max-attempts must be at least 1", key="max_attempts")
+    if not args.handler_timeout_s > 0:
+        raise ConfigError("--handler-timeout-s must be greater than 0", key="handler_timeout_s")
+    _setup_logging(settings.log_level)
+    handler: Handler
+    if args.exec_command is not None:
+        handler = ExecHandler(args.exec_command, timeout_s=args.handler_timeout_s)
+    else:
+        handler = WebhookHandler(args.webhook, timeout_s=args.handler_timeout_s)
+    values: dict[str, Any] = {
+        "zookeeper": settings.zookeeper_servers,
+        "base_path": settings.zookeeper_base_path,
+        "kafka": settings.kafka,
+        "topic_prefix": settings.topic_prefix,
+        "rules": tuple(args.rule),
+        "max_attempts": args.max_attempts,
+        "session_timeout_s": settings.zookeeper_session_timeout_s,
+        "digest": settings.zookeeper_digest_value,
+        "kafka_idempotence": settings.kafka_idempotence,
+        "kafka_publish_timeout_s": settings.kafka_publish_timeout_s,
+    }
+    if args.subscriber_id:
+        values["subscriber_id"] = args.subscriber_id
+    subscriber = Subscriber(SubscriberSettings(**values), handler)
+
+    async def run() -> int:
+        stop = _stop_event()
+        await subscriber.start()
+        try:
+            _announce(
+                f"ready subscriber={subscriber.settings.subscriber_id} "
+                f"rules={','.join(subscriber.settings.rules)} cluster={settings.cluster}"
+            )
+            await stop.wait()
+        finally:
+            await subscriber.stop()
+        return EXIT_OK
+
+    return _run(run())
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -576,6 +633,33 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON document")
     _add_cluster_options(status)
     status.set_defaults(func=cmd_status)
+
+    subscribe = sub.add_parser(
+        "subscribe",
+        help="work remote-diagnosis cases of some rules with a command or a webhook",
+        description=(
+            "Register as a remote-diagnosis subscriber of the given rules, take each new "
+            "case (one subscriber per case), fetch its event from Kafka and run the handler: "
+            "--exec runs CMD through the shell with the event (CloudEvent JSON) on stdin and "
+            "HL7BRIDGE_CASE_ID, HL7BRIDGE_RULE, HL7BRIDGE_EVENT_ID, HL7BRIDGE_ATTEMPT in the "
+            "environment, and publishes what it prints (a FHIR resource) as the result; "
+            "--webhook POSTs a subscription notification Bundle and publishes the resource "
+            "the webhook answers with. Prints a ready line, runs until SIGINT or SIGTERM."
+        ),
+    )
+    subscribe.add_argument(
+        "--rule", action="append", required=True, help="a rule to serve (repeat for more)"
+    )
+    handler = subscribe.add_mutually_exclusive_group(required=True)
+    handler.add_argument("--exec", dest="exec_command", metavar="CMD", help="shell command")
+    handler.add_argument("--webhook", metavar="URL", help="URL to POST notifications to")
+    subscribe.add_argument("--subscriber-id", help="this subscriber's name (default: host+random)")
+    subscribe.add_argument(
+        "--max-attempts", type=int, default=3, help="tries per case before it fails (3)"
+    )
+    subscribe.add_argument("--handler-timeout-s", type=float, default=60.0, help="per attempt (60)")
+    _add_setting_options(subscribe, SUBSCRIBE_SETTINGS)
+    subscribe.set_defaults(func=cmd_subscribe)
     return parser
 
 

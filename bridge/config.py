@@ -126,6 +126,11 @@ class Settings(BaseModel):
     fhir_retry_after_s: int = Field(default=10, ge=1, le=3600)
     """Retry-After (seconds) of a 503 answer when Kafka could not take a write."""
 
+    # --- remote diagnosis -----------------------------------------------------
+    diagnosis_closed_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """How long a finished case's marker is kept, so that a resent event does not
+    open the case again (the leader reaps older markers)."""
+
     # --- HL7 v2 handling -----------------------------------------------------
     accept_message_types: tuple[str, ...] = DEFAULT_ACCEPTED_MESSAGE_TYPES
     """Message families (``ADT``), exact types (``ADT^A01``) or ``*`` for all."""

@@ -29,12 +29,14 @@ from adapters.fhir.server import FhirHttpSettings, add_fhir_routes
 from adapters.mllp.server import MLLPServer, MLLPServerSettings
 from bridge import __version__
 from bridge.cluster.channels import ChannelContext, KafkaEventLookup
-from bridge.cluster.cluster_config import ClusterConfig
+from bridge.cluster.cluster_config import ClusterConfig, effective_rules
+from bridge.cluster.election import Role
 from bridge.cluster.node import ClusterNode, routed_topics
 from bridge.cluster.progress import DirectoryProgress
 from bridge.config import Settings
 from bridge.coordination import Membership, ZooKeeperSession
 from bridge.dedupe import DuplicateFilter
+from bridge.diagnosis.leader import DiagnosisDuties
 from bridge.errors import BridgeError, LifecycleError
 from bridge.fhir_ingest import FhirIngest, FhirIngestSettings
 from bridge.kafka import KafkaPublisher, Topics, ensure_topics
@@ -139,6 +141,21 @@ class BridgeInstance:
             in_doubt_grace_s=settings.kafka_publish_timeout_s + 2.0,
         )
         self._in_doubt = KafkaEventLookup(settings.kafka, self.topics.raw_hl7v2)
+        self.diagnosis = DiagnosisDuties(
+            self.zookeeper,
+            self.cluster.election,
+            bootstrap=settings.kafka,
+            diagnosis_topic=self.topics.diagnosis,
+            topics=lambda: [
+                self.topics.events,
+                *routed_topics(settings.topic_prefix, self.cluster.config),
+            ],
+            rules=lambda: effective_rules(self.cluster.config or ClusterConfig()),
+            publish=self.publisher.publish,
+            instance_id=settings.instance_id,
+            closed_retention_s=settings.diagnosis_closed_retention_s,
+        )
+        self.cluster.election.add_listener(self._on_role)
         self._runner: web.AppRunner | None = None
         self._http_port = 0
         self._refresh: asyncio.Task[None] | None = None
@@ -208,6 +225,7 @@ class BridgeInstance:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresh
         steps = (
+            ("diagnosis duties", self.diagnosis.stop),
             ("cluster roles", self.cluster.stop),
             ("mllp", self.mllp.stop),
             ("http", self._stop_http),
@@ -270,6 +288,13 @@ class BridgeInstance:
             self._runner = None
 
     # --- the cluster's calls --------------------------------------------------------------
+
+    def _on_role(self, role: Role, epoch: int | None) -> None:
+        """The leader opens and escalates diagnosis cases; nobody else does."""
+        if role == "leader" and self._state in ("starting", "running"):
+            self.diagnosis.start()
+        elif role != "leader":
+            asyncio.get_running_loop().create_task(self.diagnosis.stop())
 
     def _apply_cluster_config(self, config: ClusterConfig | None) -> None:
         """A new cluster config version, applied without restart: the accepted message

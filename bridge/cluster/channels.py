@@ -436,11 +436,9 @@ class KafkaEventLookup:
         )
         await consumer.start()
         try:
-            parts = consumer.partitions_for_topic(self._topic)
-            if not parts:
-                await consumer.force_metadata_update()
-                parts = consumer.partitions_for_topic(self._topic) or set()
-            partitions = [TopicPartition(self._topic, p) for p in sorted(parts)]
+            known = await consumer.topics()  # refreshes the metadata
+            parts = consumer.partitions_for_topic(self._topic) if self._topic in known else None
+            partitions = [TopicPartition(self._topic, p) for p in sorted(parts or ())]
             if not partitions:
                 return False
             consumer.assign(partitions)
