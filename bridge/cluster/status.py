@@ -12,7 +12,13 @@ The JSON shape, for scripts::
                   "version": "0.1.0", "started": "...", "load": {...},
                   "session": ..., "leader": true, "channels": ["lab-drop"]}],
      "channels": [{"name": "lab-drop", "owner": "a-1" | null}],
-     "config_version": 3 | null}
+     "config_version": 3 | null,
+     "diagnosis": {"open_cases": {"critical-results": 2}, "claimed": 1,
+                   "subscribers": [{"subscriber": "s-1", "rules": ["critical-results"],
+                                    "host": "..."}]}}
+
+Diagnosis shows counts and subscriber names only: a case node holds pointers, and
+status does not even read those.
 
 Members are sorted by instance id, channels by name. ``channels`` lists every
 channel that has a node under ``channels/`` and every channel of the current
@@ -101,7 +107,27 @@ def _read_sync(session: ZooKeeperSession) -> dict[str, Any]:
         if configured_name is not None:
             owners.setdefault(configured_name, None)
 
+    diagnosis_cases = {
+        rule: len(children("diagnosis", "cases", rule)) for rule in children("diagnosis", "cases")
+    }
+    subscribers = []
+    for name in sorted(children("diagnosis", "subscribers")):
+        info = _json(get("diagnosis", "subscribers", name))
+        info = info if isinstance(info, dict) else {}
+        rules = info.get("rules")
+        subscribers.append(
+            {
+                "subscriber": name,
+                "rules": rules if isinstance(rules, list) else [],
+                "host": _str(info.get("host")),
+            }
+        )
     return {
+        "diagnosis": {
+            "open_cases": {rule: n for rule, n in sorted(diagnosis_cases.items())},
+            "claimed": len(children("diagnosis", "claims")),
+            "subscribers": subscribers,
+        },
         "members": members,
         "leader": _str(leader_data.get("leader")),
         "epoch": _int(leader_data.get("epoch")),
@@ -142,6 +168,7 @@ async def read_status(session: ZooKeeperSession, *, cluster: str | None = None) 
         "members": members,
         "channels": [{"name": name, "owner": owners[name]} for name in sorted(owners)],
         "config_version": raw["config_version"],
+        "diagnosis": raw["diagnosis"],
     }
 
 
@@ -207,4 +234,22 @@ def render_status(status: dict[str, Any]) -> str:
             ["CHANNEL", "OWNER"],
             [[c["name"], _cell(c.get("owner"))] for c in channels],
         )
+    diagnosis = status.get("diagnosis") or {}
+    open_cases = diagnosis.get("open_cases") or {}
+    subscribers = diagnosis.get("subscribers") or []
+    if open_cases or subscribers:
+        lines.append("")
+        lines.append(
+            f"diagnosis: {sum(open_cases.values())} open case(s) "
+            f"({_cell(open_cases)}), {diagnosis.get('claimed', 0)} claimed, "
+            f"{len(subscribers)} subscriber(s)"
+        )
+        if subscribers:
+            lines += _table(
+                ["SUBSCRIBER", "RULES", "HOST"],
+                [
+                    [x["subscriber"], _cell(x.get("rules")), _cell(x.get("host"))]
+                    for x in subscribers
+                ],
+            )
     return "\n".join(lines) + "\n"

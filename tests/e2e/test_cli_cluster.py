@@ -184,6 +184,7 @@ def test_status_json_with_one_member(
             ],
             "channels": [{"name": "lab", "owner": "m-1"}],
             "config_version": None,
+            "diagnosis": {"open_cases": {}, "claimed": 0, "subscribers": []},
         }
 
         # The human form, with the settings from the environment and a settings file.

@@ -286,6 +286,7 @@ async def test_status_reads_members_leader_channels_and_config(
         "members": [],
         "channels": [],
         "config_version": None,
+        "diagnosis": {"open_cases": {}, "claimed": 0, "subscribers": []},
     }
 
     member = await new_session()
@@ -401,6 +402,7 @@ async def test_status_reads_members_leader_channels_and_config(
             {"name": "new-one", "owner": None},
         ],
         "config_version": 1,
+        "diagnosis": {"open_cases": {}, "claimed": 0, "subscribers": []},
     }
     # Without a name, the cluster is the last part of the base path.
     assert (await read_status(reader))["cluster"] == "it"

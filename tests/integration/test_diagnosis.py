@@ -24,6 +24,7 @@ import pytest
 from adapters.mllp.client import MLLPClient
 from bridge.cluster.cluster_config import ClusterConfig, DiagnosisRule, RuleMatch
 from bridge.cluster.config_store import ConfigStore
+from bridge.cluster.status import read_status
 from bridge.diagnosis.handlers import CallbackHandler, CaseInfo
 from bridge.diagnosis.subscriber import Subscriber, SubscriberSettings
 from bridge.sender import summarize_ack
@@ -220,6 +221,12 @@ async def test_with_no_subscriber_the_case_escalates_on_time(
     opened = [r for r in records if _kind(r) == "opened"]
     escalated = [r for r in records if _kind(r) == "escalated"]
     assert len(opened) == 1 and len(escalated) >= 2  # escalated, then re-announced
+    status = await read_status(instance.zookeeper)
+    assert status["diagnosis"] == {
+        "open_cases": {"critical-results": 1},
+        "claimed": 0,
+        "subscribers": [],
+    }
     first = orjson.loads(escalated[0].value)
     assert first["escalations"] == 1 and first["priority"] == 1
     delay_ms = escalated[0].timestamp - opened[0].timestamp
