@@ -67,6 +67,9 @@ class Case:
     attempts: int = 0
     escalations: int = 0
     epoch: int | None = None
+    #: The resource the rule matched (type and id: ids, never values).
+    resource_type: str | None = None
+    resource_id: str | None = None
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(asdict(self))

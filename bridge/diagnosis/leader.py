@@ -193,6 +193,8 @@ class DiagnosisDuties:
                 opened=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 escalation_s=rule.escalation_s,
                 epoch=self._election.epoch,
+                resource_type=match.resource_type,
+                resource_id=match.resource_id,
             )
             if await self._create(case):
                 self._wake.set()

@@ -108,6 +108,10 @@ class Subscriber:
     async def stop(self) -> None:
         self._running = False
         await self._scan.cancel()
+        aclose = getattr(self._handler, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
         await self._publisher.stop()
         await self.session.stop()
 
@@ -203,6 +207,7 @@ class Subscriber:
             case_id=case.case, rule=case.rule, priority=case.priority, event_id=case.event_id,
             topic=case.topic, partition=case.partition, offset=case.offset,
             opened=case.opened, attempt=attempt,
+            resource_type=case.resource_type, resource_id=case.resource_id,
         )  # fmt: skip
         result: dict[str, Any] | None = None
         problem = "the event is no longer on Kafka"
