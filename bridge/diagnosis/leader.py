@@ -50,6 +50,21 @@ def _headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
     return {k: v.decode("utf-8", "replace") for k, v in record.headers}
 
 
+def _might_match(rules: Sequence[DiagnosisRule], value: bytes) -> bool:
+    """A cheap look before parsing the event (the leader reads every event): a rule
+    that names interpretation codes or codes can only match if one of them occurs
+    in the JSON as a ``"code"`` value. Events are compact JSON written by the bridge
+    (orjson), so the needle is exact; a rule with neither criterion always looks."""
+    for rule in rules:
+        wanted = [*rule.match.interpretation, *(c.rpartition("|")[2] for c in rule.match.codes)]
+        if not wanted:
+            return True
+        for code in wanted:
+            if b'"code":' + orjson.dumps(code) in value:
+                return True
+    return False
+
+
 def _age_s(opened: str) -> float:
     try:
         then = datetime.fromisoformat(opened.replace("Z", "+00:00"))
@@ -88,6 +103,7 @@ class DiagnosisDuties:
         self._wake = asyncio.Event()
         #: True while the case opener reads the events topics (tests, status).
         self.reading = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def running(self) -> bool:
@@ -98,6 +114,7 @@ class DiagnosisDuties:
             return
         self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._tasks = [
             loop.create_task(self._guard("case opener", self._open_cases)),
             loop.create_task(self._guard("escalation", self._escalate)),
@@ -172,6 +189,8 @@ class DiagnosisDuties:
         headers = _headers(record)
         event_id = headers.get("ce_id")
         if not event_id or record.value is None or not rules:
+            return
+        if not _might_match(rules, record.value):
             return
         try:
             data = orjson.loads(record.value)
@@ -272,7 +291,7 @@ class DiagnosisDuties:
                 rule_path = c.path(session, c.CASES, rule)
                 try:
                     names = await session.call(
-                        client.get_children, rule_path, watch=self._wake_threadsafe()
+                        client.get_children, rule_path, watch=self._wake_threadsafe
                     )
                 except NoNodeError:
                     continue
@@ -284,14 +303,12 @@ class DiagnosisDuties:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, next_due))
 
-    def _wake_threadsafe(self) -> Callable[[Any], None]:
-        loop = asyncio.get_running_loop()
-
-        def wake(_event: Any) -> None:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(self._wake.set)
-
-        return wake
+    def _wake_threadsafe(self, _event: Any = None) -> None:
+        """A watch callback (kazoo's thread). One bound method, registered again and
+        again: kazoo keeps watchers in a set, so they do not pile up."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
 
     async def _escalate_one(self, rule: str, name: str) -> float | None:
         """Escalate the case if it is due; the seconds until it is due otherwise."""
