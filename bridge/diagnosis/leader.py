@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[Sequence[OutRecord]], Any]
 
+#: How often the leader looks for closed-case markers past their retention (not on
+#: every escalation pass: that runs at every case change).
+REAP_INTERVAL_S = 60.0
+
 
 def _headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
     return {k: v.decode("utf-8", "replace") for k, v in record.headers}
@@ -104,6 +108,7 @@ class DiagnosisDuties:
         #: True while the case opener reads the events topics (tests, status).
         self.reading = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reaped_at = 0.0
 
     @property
     def running(self) -> bool:
@@ -299,7 +304,9 @@ class DiagnosisDuties:
                     due = await self._escalate_one(rule, name)
                     if due is not None:
                         next_due = min(next_due, due)
-            await self._reap_closed()
+            if time.monotonic() - self._reaped_at >= REAP_INTERVAL_S:
+                await self._reap_closed()
+                self._reaped_at = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, next_due))
 

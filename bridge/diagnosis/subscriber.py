@@ -123,8 +123,10 @@ class Subscriber:
             await self.stop()
 
     async def _register(self) -> None:
+        """The ephemeral registration, and the paths the work needs (once, not per scan)."""
         session, client = self.session, self.session.client
-        await session.call(client.ensure_path, c.path(session, c.SUBSCRIBERS))
+        for parts in ((c.SUBSCRIBERS,), (c.CLAIMS,), *((c.CASES, r) for r in self.settings.rules)):
+            await session.call(client.ensure_path, c.path(session, *parts))
         data = orjson.dumps(
             {"subscriber": self.settings.subscriber_id, "rules": list(self.settings.rules),
              "host": socket.gethostname(), "pid": os.getpid(), "started": now_rfc3339()}
@@ -152,7 +154,6 @@ class Subscriber:
         pending: list[tuple[int, str, str, str]] = []
         for rule in self.settings.rules:
             rule_path = c.path(session, c.CASES, rule)
-            await session.call(client.ensure_path, rule_path)
             names = await session.call(
                 client.get_children, rule_path, watch=self._scan.request_threadsafe
             )
@@ -171,7 +172,6 @@ class Subscriber:
     async def _try(self, rule: str, name: str) -> None:
         session, client = self.session, self.session.client
         claim = c.path(session, c.CLAIMS, name)
-        await session.call(client.ensure_path, c.path(session, c.CLAIMS))
         claim_data = orjson.dumps(
             {"subscriber": self.settings.subscriber_id, "since": now_rfc3339()}
         )
