@@ -309,3 +309,24 @@ class Rerun:
                 self._again = True
             if not self._again:
                 return
+
+
+async def write_checked(
+    session: ZooKeeperSession, path: str, data: bytes, *, check: tuple[str, int]
+) -> list[Any]:
+    """Create or overwrite ``path`` in one transaction with a version check on
+    ``check`` = (node, version): the fencing write (the leader's ``leader`` node, a
+    channel's ``fence``). The parent is created first if missing. Returns the
+    transaction's results; the caller decides what a failure means."""
+    client = session.client
+    exists = await session.call(client.exists, path)
+    if exists is None:
+        await session.call(client.ensure_path, path.rsplit("/", 1)[0] or "/")
+    transaction = client.transaction()
+    transaction.check(*check)
+    if exists is None:
+        transaction.create(path, data)
+    else:
+        transaction.set_data(path, data)
+    results: list[Any] = await session.call(transaction.commit)
+    return results

@@ -41,7 +41,7 @@ from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
 from bridge.cluster import layout
 from bridge.cluster.election import LeaderElection
-from bridge.coordination import Rerun, ZooKeeperSession
+from bridge.coordination import Rerun, ZooKeeperSession, write_checked
 from bridge.errors import CoordinationError, describe_failure
 
 log = logging.getLogger(__name__)
@@ -113,18 +113,12 @@ class ChannelAssigner:
         return result
 
     async def _write(self, name: str, assignment: Assignment, fence: int) -> None:
-        session, client = self._session, self._session.client
-        await session.call(client.ensure_path, _channel_path(session, name))
+        session = self._session
         path = _channel_path(session, name, layout.ASSIGNMENT)
         data = orjson.dumps({"instance": assignment.instance, "epoch": assignment.epoch})
-        exists = await session.call(client.exists, path)
-        transaction = client.transaction()
-        transaction.check(session.path(layout.LEADER), fence)
-        if exists is None:
-            transaction.create(path, data)
-        else:
-            transaction.set_data(path, data)
-        results = await session.call(transaction.commit)
+        results = await write_checked(
+            session, path, data, check=(session.path(layout.LEADER), fence)
+        )
         failures = [r for r in results if isinstance(r, Exception)]
         if failures:
             raise CoordinationError(
@@ -380,21 +374,13 @@ class ZkProgressStore:
         return value if isinstance(value, dict) else None
 
     async def save_json(self, key: str, value: Mapping[str, Any]) -> None:
-        session, client = self._session, self._session.client
-        path = self._path(key)
-        exists = await session.call(client.exists, path)
-        if exists is None:
-            await session.call(
-                client.ensure_path, _channel_path(session, self._name, layout.PROGRESS)
-            )
-        transaction = client.transaction()
-        transaction.check(self._fence_path, self._owned.fence_version)
-        data = orjson.dumps(value)
-        if exists is None:
-            transaction.create(path, data)
-        else:
-            transaction.set_data(path, data)
-        await self._commit(transaction)
+        results = await write_checked(
+            self._session,
+            self._path(key),
+            orjson.dumps(value),
+            check=(self._fence_path, self._owned.fence_version),
+        )
+        self._check_results(results)
 
     async def clear(self, key: str) -> None:
         transaction = self._session.client.transaction()
@@ -404,7 +390,9 @@ class ZkProgressStore:
             await self._commit(transaction)
 
     async def _commit(self, transaction: Any) -> None:
-        results = await self._session.call(transaction.commit)
+        self._check_results(await self._session.call(transaction.commit))
+
+    def _check_results(self, results: list[Any]) -> None:
         failures = [r for r in results if isinstance(r, Exception)]
         if any(isinstance(f, BadVersionError) for f in failures) or (
             failures and isinstance(failures[0], NoNodeError) and len(failures) == len(results)

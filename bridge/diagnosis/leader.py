@@ -35,7 +35,7 @@ from kazoo.exceptions import NodeExistsError, NoNodeError
 from bridge.cluster import layout
 from bridge.cluster.cluster_config import DiagnosisRule
 from bridge.cluster.election import LeaderElection
-from bridge.coordination import ZooKeeperSession
+from bridge.coordination import ZooKeeperSession, write_checked
 from bridge.diagnosis import cases as c
 from bridge.diagnosis.rules import EventFacts, matching_rules
 from bridge.errors import CoordinationError, describe_failure
@@ -264,22 +264,16 @@ class DiagnosisDuties:
         return int(orjson.loads(data)["offset"])
 
     async def _save_offset(self, tp: TopicPartition, offset: int) -> None:
-        session, client = self._session, self._session.client
-        node = c.path(session, c.OFFSETS, tp.topic, str(tp.partition))
-        data = orjson.dumps({"offset": offset})
+        session = self._session
         fence = self._election.fence_version
         if fence is None:
             raise CoordinationError("no longer leader: offsets are not saved")
-        exists = await session.call(client.exists, node)
-        if exists is None:
-            await session.call(client.ensure_path, c.path(session, c.OFFSETS, tp.topic))
-        transaction = client.transaction()
-        transaction.check(session.path(layout.LEADER), fence)
-        if exists is None:
-            transaction.create(node, data)
-        else:
-            transaction.set_data(node, data)
-        results = await session.call(transaction.commit)
+        results = await write_checked(
+            session,
+            c.path(session, c.OFFSETS, tp.topic, str(tp.partition)),
+            orjson.dumps({"offset": offset}),
+            check=(session.path(layout.LEADER), fence),
+        )
         failures = [r for r in results if isinstance(r, Exception)]
         if failures:
             raise CoordinationError(f"offsets not saved: {type(failures[0]).__name__}")

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,6 +24,7 @@ from bridge.cluster.election import read_leader
 from bridge.coordination import ZooKeeperSession
 from tests.integration.test_cluster import batch_file, eventually
 from tests.kafka_helpers import read_topic
+from tests.processes import reap, reap_all, start_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -42,9 +41,7 @@ class Cluster:
     def kill(self, instance: str) -> None:
         proc = self.procs.pop(instance)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        reap(proc)
 
     async def owners(self, names: list[str]) -> dict[str, str | None]:
         found: dict[str, str | None] = {}
@@ -56,30 +53,6 @@ class Cluster:
             except Exception:
                 found[name] = None
         return found
-
-
-def _serve(args: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge.cli", "serve", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline()
-            if line.startswith("ready "):
-                return proc
-            if not line and proc.poll() is not None:
-                break
-    proc.kill()
-    proc.wait(timeout=10)
-    proc.stdout.close()
-    raise AssertionError("hl7bridge serve did not become ready")
 
 
 @pytest.fixture
@@ -94,8 +67,9 @@ async def cluster(
         for i in range(n):
             instance = f"proc-{i}"
             procs[instance] = await asyncio.to_thread(
-                _serve,
+                start_cli,
                 [
+                    "serve",
                     "--zookeeper", hosts, "--kafka", broker.bootstrap,
                     "--topic-prefix", topic_prefix, "--cluster", "c",
                     "--instance-id", instance, "--mllp-host", "127.0.0.1", "--mllp-port", "0",
@@ -112,16 +86,7 @@ async def cluster(
         return Cluster(session, procs)
 
     yield start
-    for proc in procs.values():
-        proc.terminate()
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    reap_all(procs.values())
     for session in sessions:
         await session.stop()
 

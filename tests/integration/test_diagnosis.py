@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from bridge.service import BridgeInstance
 from tests.integration.conftest import InstanceFactory
 from tests.integration.test_cluster import eventually
 from tests.kafka_helpers import read_topic
+from tests.processes import reap_all, start_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -237,30 +237,6 @@ async def test_with_no_subscriber_the_case_escalates_on_time(
 # --- with `hl7bridge subscribe` processes ----------------------------------------------------
 
 
-def _subscribe(args: list[str]) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge.cli", "subscribe", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline()
-            if line.startswith("ready "):
-                return proc
-            if not line and proc.poll() is not None:
-                break
-    proc.kill()
-    proc.wait(timeout=10)
-    proc.stdout.close()
-    raise AssertionError("hl7bridge subscribe did not become ready")
-
-
 @pytest.fixture
 async def subscribers(
     zookeeper: Any, zk_chroot: str, broker: Any, topic_prefix: str
@@ -269,8 +245,9 @@ async def subscribers(
 
     async def start(name: str, command: str, *extra: str) -> subprocess.Popen[str]:
         proc = await asyncio.to_thread(
-            _subscribe,
+            start_cli,
             [
+                "subscribe",
                 "--zookeeper", f"{zookeeper.hosts}{zk_chroot}", "--kafka", broker.bootstrap,
                 "--cluster", "it", "--topic-prefix", topic_prefix,
                 "--rule", "critical-results", "--exec", command, "--subscriber-id", name,
@@ -282,17 +259,7 @@ async def subscribers(
         return proc
 
     yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    reap_all(procs)
 
 
 def _handler_script(tmp_path: Path, body: str, name: str = "handler") -> str:
