@@ -32,8 +32,8 @@ async def read_topic(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    await consumer.start()
     try:
+        await consumer.start()  # inside: a failed start is stopped too (no leak)
         partitions = await _wait_for_partitions(consumer, topic, deadline)
         if not partitions:
             return []

@@ -422,8 +422,8 @@ class KafkaEventLookup:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )
-        await consumer.start()
         try:
+            await consumer.start()  # inside: a failed start is stopped too (no leak)
             known = await consumer.topics()  # refreshes the metadata
             parts = consumer.partitions_for_topic(self._topic) if self._topic in known else None
             partitions = [TopicPartition(self._topic, p) for p in sorted(parts or ())]

@@ -158,8 +158,8 @@ class DiagnosisDuties:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=10,
         )
-        await consumer.start()
         try:
+            await consumer.start()  # inside: a failed start is stopped too (no leak)
             partitions = await topic_partitions(consumer, self._topics())
             if not partitions:  # not provisioned yet
                 await asyncio.sleep(0.2)
@@ -384,8 +384,8 @@ async def fetch_record(
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
     )
-    await consumer.start()
     try:
+        await consumer.start()  # inside: a failed start is stopped too (no leak)
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
         consumer.seek(tp, offset)
