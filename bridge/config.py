@@ -102,6 +102,9 @@ class Settings(BaseModel):
     """Largest MLLP frame accepted; a larger one is answered AE 207."""
     idle_timeout_s: float = Field(default=300.0, gt=0)
     """An MLLP connection silent this long is closed."""
+    max_queued_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """MLLP frames received and not yet handled, across all connections, at most; past
+    it connections pause reading (TCP backpressure) until half of it is handled."""
     max_connections: int = Field(default=1000, ge=1, le=100_000)
     """Open MLLP connections at most; one more is answered AR 207 and closed."""
 
@@ -123,6 +126,9 @@ class Settings(BaseModel):
     """A FHIR request body larger than this is refused with 413."""
     fhir_request_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     """A FHIR request body that has not fully arrived after this long is refused with 408."""
+    fhir_max_in_flight: int = Field(default=256, ge=1, le=100_000)
+    """FHIR requests being handled at once, at most; one more is answered 503 with
+    Retry-After at once (bounded memory under any load)."""
     fhir_retry_after_s: int = Field(default=10, ge=1, le=3600)
     """Retry-After (seconds) of a 503 answer when Kafka could not take a write."""
 

@@ -113,6 +113,7 @@ class BridgeInstance:
                 max_frame_bytes=settings.max_frame_bytes,
                 idle_timeout_s=settings.idle_timeout_s,
                 max_connections=settings.max_connections,
+                max_queued_bytes=settings.max_queued_bytes,
                 drain_timeout_s=settings.drain_timeout_s,
                 ssl=settings.mllp_ssl_context(),
             ),
@@ -265,6 +266,8 @@ class BridgeInstance:
             FhirHttpSettings(
                 max_body_bytes=settings.fhir_max_body_bytes,
                 request_timeout_s=settings.fhir_request_timeout_s,
+                max_in_flight=settings.fhir_max_in_flight,
+                retry_after_s=settings.fhir_retry_after_s,
                 version=__version__,
                 observe=lambda seconds, _status: latency.observe(seconds),
             ),

@@ -13,7 +13,8 @@ ingest) for what FHIR decides. Every refusal is an OperationOutcome:
 413    a body over ``fhir_max_body_bytes``
 415    a body that is not FHIR JSON (``application/fhir+json`` or ``application/json``)
 422    valid JSON, invalid FHIR content (one issue per problem, with its path)
-503    Kafka did not take the write (``Retry-After`` says when to retry)
+503    Kafka did not take the write, or ``fhir_max_in_flight`` requests are being
+       handled already (``Retry-After`` says when to retry)
 =====  ==================================================================
 """
 
@@ -80,6 +81,9 @@ class FhirHttpSettings:
     max_body_bytes: int
     request_timeout_s: float
     version: str
+    #: Requests handled at once at most; one more is answered 503 at once.
+    max_in_flight: int = 256
+    retry_after_s: int = 10
     #: Observes each answered request: (seconds taken, HTTP status).
     observe: Callable[[float, int], None] | None = None
 
@@ -120,6 +124,7 @@ class _Handlers:
     def __init__(self, ingest: Ingest, settings: FhirHttpSettings) -> None:
         self._ingest = ingest
         self._settings = settings
+        self._in_flight = 0
 
     # --- endpoints ------------------------------------------------------------------
 
@@ -192,7 +197,17 @@ class _Handlers:
         self, request: web.Request, handle: Callable[[bytes], Awaitable[AnswerLike]]
     ) -> web.Response:
         started = time.perf_counter()
-        response = await self._handle(request, handle)
+        if self._in_flight >= self._settings.max_in_flight:
+            response = _refusal(
+                503, "transient", "too many requests in flight (fhir_max_in_flight); retry later"
+            )
+            response.headers["Retry-After"] = str(self._settings.retry_after_s)
+            return response
+        self._in_flight += 1
+        try:
+            response = await self._handle(request, handle)
+        finally:
+            self._in_flight -= 1
         if self._settings.observe is not None:
             self._settings.observe(time.perf_counter() - started, response.status)
         return response

@@ -14,6 +14,10 @@ complete frame"):
   raised, the connection is over the limit, or the server is shutting down.
 * Memory per connection is bounded: at most ``max_frame_bytes`` in the decoder and
   ``max_queued_frames`` frames waiting; beyond that reading is paused.
+* Memory across connections is bounded too: when the frames waiting on all
+  connections reach ``max_queued_bytes``, each connection that receives another
+  frame pauses reading (TCP backpressure reaches the senders) until the backlog is
+  down to half.
 
 Shutdown order (:meth:`MLLPServer.stop`), written once here:
 
@@ -110,6 +114,10 @@ class MLLPServerSettings:
     """Frames waiting per connection before reading is paused. Well-behaved senders
     wait for each ACK, so this only bites pipelining senders; 64 keeps them busy
     without letting one connection buffer unbounded frames."""
+    max_queued_bytes: int = 64 * 1024 * 1024
+    """Bytes of received frames waiting to be handled, across all connections. Past
+    it, every connection that receives a frame pauses reading until the backlog is
+    half that again: memory stays bounded however many senders push at once."""
     over_limit_wait_s: float = 5.0
     """How long a connection over ``max_connections`` may take to send the frame we
     answer with TOO_MANY_CONNECTIONS before it is closed unanswered."""
@@ -117,7 +125,7 @@ class MLLPServerSettings:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be between 0 and 65535, got {self.port}")
-        for name in ("max_frame_bytes", "max_connections", "max_queued_frames"):
+        for name in ("max_frame_bytes", "max_connections", "max_queued_frames", "max_queued_bytes"):
             value = getattr(self, name)
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -226,6 +234,7 @@ class _Connection(asyncio.Protocol):
                     return
                 reason = RejectReason.SHUTTING_DOWN if server.shutting_down else None
                 queue.append((event.payload, reason))
+                server.queued_bytes += len(event.payload)
             elif isinstance(event, FrameTooLarge):
                 server.frames_received += 1
                 logger.warning(
@@ -237,6 +246,7 @@ class _Connection(asyncio.Protocol):
                     self._reject_over_limit(event.head)
                     return
                 queue.append((event.head, RejectReason.TOO_LARGE))
+                server.queued_bytes += len(event.head)
             elif isinstance(event, GarbageSkipped):
                 server.garbage_bytes += event.byte_count
                 logger.debug(
@@ -246,10 +256,14 @@ class _Connection(asyncio.Protocol):
             if self.worker is None:
                 self.worker = self._loop.create_task(self._run())
                 server._track_worker(self.worker)
-            if len(queue) >= self._settings.max_queued_frames and not self._reading_paused:
+            over_local = len(queue) >= self._settings.max_queued_frames
+            over_global = server.queued_bytes >= self._settings.max_queued_bytes
+            if (over_local or over_global) and not self._reading_paused:
                 assert self._transport is not None
                 self._reading_paused = True
                 self._transport.pause_reading()
+                if over_global:
+                    server._paused_for_backlog.add(self)
                 logger.debug("MLLP reading paused for %s: %d frames queued", self.peer, len(queue))
 
     def eof_received(self) -> bool | None:
@@ -283,7 +297,9 @@ class _Connection(asyncio.Protocol):
                 self.peer,
                 len(self._queue),
             )
+            server.release_queued(sum(len(w[0]) for w in self._queue))
             self._queue.clear()
+        server._paused_for_backlog.discard(self)
         self._wake_drain()
         if exc is not None:
             logger.info("MLLP connection from %s lost: %s", self.peer, type(exc).__name__)
@@ -311,7 +327,12 @@ class _Connection(asyncio.Protocol):
                     continue
                 work = queue.popleft()
                 self._current = work
-                if self._reading_paused and len(queue) <= self._settings.max_queued_frames // 2:
+                self._server.release_queued(len(work[0]))
+                if (
+                    self._reading_paused
+                    and self not in self._server._paused_for_backlog
+                    and len(queue) <= self._settings.max_queued_frames // 2
+                ):
                     self._resume_reading()
                 payload, reason = work
                 if reason is None:
@@ -334,7 +355,11 @@ class _Connection(asyncio.Protocol):
             self.worker = None
             self._current = None
             self._last_activity = self._loop.time()
-            if self._reading_paused and not self._lost:
+            if (
+                self._reading_paused
+                and not self._lost
+                and self not in self._server._paused_for_backlog
+            ):
                 self._resume_reading()
             if self._peer_eof and not self._queue:
                 self._close()
@@ -399,6 +424,7 @@ class _Connection(asyncio.Protocol):
             return 0
         self._abandoned = True
         pending = ([self._current] if self._current is not None else []) + list(self._queue)
+        self._server.release_queued(sum(len(w[0]) for w in self._queue))
         self._queue.clear()
         self._current = None
         for payload, _ in pending:
@@ -497,6 +523,21 @@ class MLLPServer:
         self.connections_rejected = 0
         self.connections_idle_closed = 0
         self.garbage_bytes = 0
+        #: Bytes of frames received and not yet handled, on all connections.
+        self.queued_bytes = 0
+        #: Connections paused because the backlog across connections is too large.
+        self._paused_for_backlog: set[_Connection] = set()
+
+    def release_queued(self, byte_count: int) -> None:
+        """Frames left the backlog; resume the connections it paused once it is at
+        half ``max_queued_bytes``."""
+        self.queued_bytes = max(0, self.queued_bytes - byte_count)
+        if self._paused_for_backlog and self.queued_bytes <= self.settings.max_queued_bytes // 2:
+            paused, self._paused_for_backlog = self._paused_for_backlog, set()
+            for connection in paused:
+                # One still over its own limit is resumed by its worker later.
+                if len(connection._queue) < self.settings.max_queued_frames:
+                    connection._resume_reading()
 
     async def __aenter__(self) -> MLLPServer:
         await self.start()

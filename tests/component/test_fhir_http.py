@@ -215,3 +215,39 @@ async def test_metadata_is_served(server: Server) -> None:
     assert statement is not None
     assert statement["software"] == {"name": "hl7bridge", "version": "9.9"}
     assert statement["implementation"]["url"] == server.url + "/fhir"
+
+
+async def test_requests_over_the_in_flight_bound_get_503_with_retry_after() -> None:
+    gate = asyncio.Event()
+
+    class Slow(RecordingIngest):
+        async def write(self, *args: Any, **kwargs: Any) -> Answer:
+            await gate.wait()
+            return await super().write(*args, **kwargs)
+
+    app = web.Application()
+    add_fhir_routes(
+        app,
+        Slow(),
+        FhirHttpSettings(
+            max_body_bytes=2048, request_timeout_s=5, version="t", max_in_flight=2,
+            retry_after_s=3,
+        ),
+    )  # fmt: skip
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/fhir/Patient"  # type: ignore[union-attr]
+    body, headers = b'{"resourceType":"Patient"}', {"Content-Type": FHIR_JSON}
+    try:
+        first = [asyncio.create_task(_request("POST", url, body, headers)) for _ in range(2)]
+        await asyncio.sleep(0.2)  # both are in flight, waiting on the gate
+        status, outcome, answer_headers = await _request("POST", url, body, headers)
+        assert status == 503 and answer_headers["Retry-After"] == "3"
+        assert outcome is not None and outcome["issue"][0]["code"] == "transient"
+        gate.set()
+        assert [t[0] for t in await asyncio.gather(*first)] == [202, 202]
+        assert (await _request("POST", url, body, headers))[0] == 202
+    finally:
+        await runner.cleanup()

@@ -164,6 +164,38 @@ async def test_pipelined_frames_are_answered_in_order_with_backpressure(
     assert "reading paused" in caplog.text
 
 
+async def test_the_backlog_across_connections_is_bounded_by_max_queued_bytes() -> None:
+    # A stuck handler and 8 connections each pipelining 50 frames of 1 KiB: without a
+    # bound across connections the server would buffer 400 KiB; with 16 KiB it pauses
+    # every connection that receives a frame once the backlog reaches the bound.
+    gate = asyncio.Event()
+
+    class Gated(EchoHandler):
+        async def handle_frame(self, payload: bytes, peer: str) -> bytes:
+            await gate.wait()
+            return await super().handle_frame(payload, peer)
+
+    handler = Gated()
+    limit = 16 * 1024
+    frames = [[b"MSH|%d-%02d|" % (c, i) + b"x" * 1024 for i in range(50)] for c in range(8)]
+    async with serving(handler, max_queued_bytes=limit, max_queued_frames=64) as server:
+        peers = [await RawPeer.connect(server) for _ in range(8)]
+        try:
+            for peer, mine in zip(peers, frames, strict=True):
+                await peer.send(b"".join(encode_frame(p) for p in mine))
+            await asyncio.sleep(0.5)
+            # Bounded: the limit plus what one socket read per connection can add.
+            assert limit <= server.queued_bytes <= limit + 8 * 70 * 1024
+            assert server.queued_bytes < sum(len(p) for mine in frames for p in mine)
+            gate.set()
+            for peer, mine in zip(peers, frames, strict=True):
+                assert await peer.replies(50) == [b"ACK:" + p for p in mine]
+            assert server.queued_bytes == 0
+        finally:
+            for peer in peers:
+                await peer.close()
+
+
 async def test_peer_that_does_not_read_its_acks_is_throttled_not_buffered() -> None:
     # Large replies and a peer that reads nothing: the server must stop producing
     # ACKs once its write buffer is full, then finish when the peer reads.
@@ -410,6 +442,7 @@ async def test_port_in_use_raises_os_error_and_allows_retry() -> None:
         ("max_connections", 0),
         ("drain_timeout_s", -1.0),
         ("max_queued_frames", 0),
+        ("max_queued_bytes", 0),
         ("over_limit_wait_s", float("inf")),
     ],
 )
