@@ -460,6 +460,106 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return _run(run())
 
 
+# --- replay ---------------------------------------------------------------------------------
+
+#: The settings that say where the records are: replay takes them like serve does.
+REPLAY_SETTINGS = ("kafka", "topic_prefix", "log_level")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from bridge.kafka import Topics
+    from bridge.replay import ReplayItem, ReplayTarget, Selection, replay, select_records
+
+    settings = build_settings(file=args.config, cli=_cli_settings(args))
+    if not args.timeout_s > 0:
+        raise ConfigError("--timeout-s must be greater than 0", key="timeout_s")
+    partitions = None if args.partition is None else [args.partition]
+    criteria: dict[str, Any] = {
+        "partitions": partitions,
+        "from_offset": args.from_offset,
+        "to_offset": args.to_offset,
+        "since": args.since,
+        "until": args.until,
+        "sender": args.sender,
+        "control_id": args.control_id,
+    }
+    Selection.build(**criteria)  # bad criteria: exit 2 before connecting to anything
+    target = None if args.dry_run else ReplayTarget.parse(args.to, timeout_s=args.timeout_s)
+    _setup_logging(settings.log_level)
+    if settings.log_level != "DEBUG":
+        # One clear message on failure instead of aiokafka's line per connection attempt.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    topics = Topics(settings.topic_prefix)
+    topic = topics.dlq if args.dlq else topics.raw_hl7v2
+
+    def show(item: ReplayItem) -> None:
+        line = json.dumps(item.to_json(), ensure_ascii=False) if args.json else item.line()
+        print(line, flush=True)
+
+    async def run() -> int:
+        records = select_records(settings.kafka, topic, timeout_s=args.timeout_s, **criteria)
+        report = await replay(records, target, dry_run=args.dry_run, on_item=show)
+        if args.json:
+            print(json.dumps({"summary": report.summary()}))
+        else:
+            print(report.summary_line())
+        return EXIT_OK if report.ok else EXIT_FAILED
+
+    return _run(run())
+
+
+def _add_replay_parser(sub: Any) -> None:
+    replay = sub.add_parser(
+        "replay",
+        help="re-send selected DLQ or raw HL7 v2 records to a bridge instance over MLLP",
+        description=(
+            "Read <prefix>.dlq (--dlq) or <prefix>.raw.hl7v2 (--raw) up to its current end, "
+            "select records (every criterion given must hold; bounds are included) and send "
+            "each to a bridge instance's MLLP listener (--to), one connection, one ACK per "
+            "message, in record-time order; or list them (--dry-run). The instance applies its "
+            "usual rules: a message it accepted within dedupe_window_s is answered as a "
+            "duplicate and not published again; DLQ records were never accepted and publish "
+            "normally once accepted. FHIR records are skipped and counted. Prints "
+            "'PARTITION:OFFSET CONTROL-ID → ACK-CODE' (or 'would send ...') per record and a "
+            "summary. Exit 0 if every replayed message got AA/CA, 1 otherwise, 2 bad usage, "
+            "3 Kafka unreachable."
+        ),
+    )
+    source = replay.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dlq", action="store_true", help="replay from <prefix>.dlq")
+    source.add_argument("--raw", action="store_true", help="replay from <prefix>.raw.hl7v2")
+    select = replay.add_argument_group("selection")
+    select.add_argument("--partition", type=int, metavar="N", help="only this partition")
+    select.add_argument(
+        "--from-offset", type=int, metavar="N", help="first offset (needs --partition)"
+    )
+    select.add_argument(
+        "--to-offset", type=int, metavar="N", help="last offset, included (needs --partition)"
+    )
+    select.add_argument(
+        "--since", metavar="T", help="records written at or after T (RFC 3339, with offset)"
+    )
+    select.add_argument("--until", metavar="T", help="records written at or before T (RFC 3339)")
+    select.add_argument(
+        "--sender", metavar="APP|FAC", help="MSH-3|MSH-4 exactly, or APP for any facility"
+    )
+    select.add_argument("--control-id", metavar="ID", help="MSH-10")
+    action = replay.add_mutually_exclusive_group(required=True)
+    action.add_argument("--to", metavar="HOST:PORT", help="the MLLP listener to send to")
+    action.add_argument(
+        "--dry-run", action="store_true", help="list what would be sent; send nothing"
+    )
+    replay.add_argument("--json", action="store_true", help="one JSON object per record")
+    replay.add_argument(
+        "--timeout-s",
+        type=float,
+        default=30.0,
+        help="wait this long per ACK, and for Kafka (default: 30)",
+    )
+    _add_setting_options(replay, REPLAY_SETTINGS)
+    replay.set_defaults(func=cmd_replay)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -660,6 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--handler-timeout-s", type=float, default=60.0, help="per attempt (60)")
     _add_setting_options(subscribe, SUBSCRIBE_SETTINGS)
     subscribe.set_defaults(func=cmd_subscribe)
+
+    _add_replay_parser(sub)
     return parser
 
 

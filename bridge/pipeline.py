@@ -63,11 +63,14 @@ CHANNEL = "mllp"
 
 @dataclass(frozen=True, slots=True)
 class _Call:
-    """Who handed the pipeline this frame: the metrics and DLQ channel label, and the
-    headers singleton work stamps on what it publishes (``ce_leaderepoch``)."""
+    """Who handed the pipeline this frame: the metrics and DLQ channel label, the
+    headers singleton work stamps on what it publishes (``ce_leaderepoch``), and the
+    peer the frame came from (``127.0.0.1:53412``; the channel label for a directory
+    channel), recorded with a rejected message in the DLQ."""
 
     channel: str = CHANNEL
     stamp: tuple[tuple[str, bytes], ...] = ()
+    peer: str = ""
 
 
 _MLLP_CALL: Final = _Call()
@@ -153,17 +156,18 @@ class Hl7v2Pipeline:
     async def handle_frame(
         self, payload: bytes, peer: str, *, channel: str = CHANNEL, epoch: int | None = None
     ) -> bytes:
-        """Process one message and return its ACK. ``channel`` labels metrics and DLQ
-        records (``mllp``, ``directory:<name>``); ``epoch`` is stamped as
-        ``ce_leaderepoch`` on every record (singleton channels)."""
+        """Process one message and return its ACK. ``peer`` (the connection's address,
+        or the channel label for a directory channel) goes into a DLQ record as
+        ``dlq_peer``; ``channel`` labels metrics and DLQ records (``mllp``,
+        ``directory:<name>``); ``epoch`` is stamped as ``ce_leaderepoch`` on every
+        record (singleton channels)."""
         started = time.perf_counter()
         stamp = () if epoch is None else (("ce_leaderepoch", str(epoch).encode()),)
-        token = _CALL_VAR.set(_Call(channel, stamp)) if channel != CHANNEL or stamp else None
+        token = _CALL_VAR.set(_Call(channel, stamp, peer))
         try:
             ack = await self._process(payload)
         finally:
-            if token is not None:
-                _CALL_VAR.reset(token)
+            _CALL_VAR.reset(token)
         self._metrics.ack_latency.labels(channel).observe(time.perf_counter() - started)
         return ack
 
@@ -258,14 +262,17 @@ class Hl7v2Pipeline:
     ) -> bytes:
         """Record a rejected message in the DLQ, then answer AE/AR with ERR.
 
-        If the DLQ cannot take it either, answer AR 207 so the sender keeps the
-        message: the bridge never answers without having recorded the outcome.
+        The ACK is built first so that the DLQ record carries the very bytes the
+        sender gets back (``dlq_ack``). If the DLQ cannot take the record, answer
+        AR 207 instead so the sender keeps the message: the bridge never answers
+        without having recorded the outcome.
         """
+        ack = self._ack(header, error.ack_code, [ack_error_from(error)])
         record = OutRecord(
             topic=self._settings.topics.dlq,
             value=payload,
             key=None,
-            headers=self._dlq_headers(header, error),
+            headers=self._dlq_headers(header, error, ack),
         )
         try:
             await self._publisher.publish([record])
@@ -274,7 +281,7 @@ class Hl7v2Pipeline:
             self._count_rejection(exc, header)
             return self._ack(header, exc.ack_code, [ack_error_from(exc)])
         self._count_rejection(error, header)
-        return self._ack(header, error.ack_code, [ack_error_from(error)])
+        return ack
 
     # --- records ------------------------------------------------------------------------
 
@@ -315,20 +322,30 @@ class Hl7v2Pipeline:
         exact = f"{header.message_code}^{header.trigger_event}"
         return routes.get(exact) or routes.get(header.message_code)
 
-    def _dlq_headers(self, header: MessageHeader | None, error: BridgeError) -> Headers:
+    def _dlq_headers(self, header: MessageHeader | None, error: BridgeError, ack: bytes) -> Headers:
+        """The lineage of a rejected message (schemas/dlq-headers.schema.json): why
+        (``dlq_reason`` ... ``dlq_location``), what the sender was answered
+        (``dlq_ack``, byte for byte), where it came from (``dlq_channel``,
+        ``dlq_peer``, ``ce_hl7sender``) and when (``dlq_time``)."""
+        call = _call()
         headers: Headers = [
             ("dlq_reason", error.reason.encode()),
             ("dlq_ack_code", error.ack_code.encode()),
             ("dlq_err_code", error.err_code.encode()),
             ("dlq_message", error.message.encode()),
-            ("dlq_channel", _call().channel.encode()),
+            ("dlq_ack", ack),
+            ("dlq_channel", call.channel.encode()),
             ("dlq_time", now_rfc3339().encode()),
             ("ce_bridgeinstance", self._settings.instance_id.encode()),
-            *_call().stamp,
+            *call.stamp,
         ]
+        if call.peer:
+            headers.append(("dlq_peer", call.peer.encode()))
         if error.location:
             headers.append(("dlq_location", error.location.encode()))
         if header is not None:
+            if header.sending_application or header.sending_facility:
+                headers.append(("ce_hl7sender", header.sender_key.encode()))
             if header.control_id:
                 headers.append(("ce_hl7controlid", header.control_id.encode()))
             if header.message_code:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from pathlib import Path
 
 import orjson
 import pytest
@@ -20,6 +22,10 @@ from bridge.pipeline import Hl7v2Pipeline, PipelineSettings
 from tests.fakes import FakePublisher
 
 pytestmark = pytest.mark.timeout(30)
+
+DLQ_SCHEMA = json.loads(
+    (Path(__file__).resolve().parents[2] / "schemas" / "dlq-headers.schema.json").read_text()
+)
 
 RAW_TOPIC = "t.raw.hl7v2"
 EVENTS_TOPIC = "t.events"
@@ -209,7 +215,8 @@ async def test_rejection_answers_with_err_and_writes_one_dlq_record(
     reason: str,
     location: str,
 ) -> None:
-    ack = await handle(pipeline, payload)
+    answer = await pipeline.handle_frame(payload, "127.0.0.1:53412")
+    ack = parse_message(answer)
 
     assert msa(ack) == (ack_code, control_id)
     assert errs(ack) == [(err_code, err_location)]
@@ -223,14 +230,63 @@ async def test_rejection_answers_with_err_and_writes_one_dlq_record(
     assert headers["dlq_ack_code"] == ack_code.encode()
     assert headers["dlq_location"] == location.encode()
     assert headers["dlq_channel"] == b"mllp"
+    assert headers["dlq_peer"] == b"127.0.0.1:53412"
+    assert headers["dlq_ack"] == answer  # the very bytes the sender got back
     assert headers["ce_bridgeinstance"] == b"u1"
+    assert set(headers) <= set(DLQ_SCHEMA["properties"])
+    assert set(DLQ_SCHEMA["required"]) <= set(headers)
     if control_id:
         assert headers["ce_hl7controlid"] == control_id.encode()
     else:
         assert "ce_hl7controlid" not in headers
+    if payload is NOT_HL7:
+        assert "ce_hl7sender" not in headers
+    else:
+        assert headers["ce_hl7sender"] == b"SENDAPP|SENDFAC"
     assert sample(metrics, "hl7bridge_rejections_total", reason=reason, err_code=err_code) == 1
     assert messages_count(metrics, ack_code, "other") == 1
     assert messages_count(metrics, "AA", "ADT^A01") == 0
+
+
+async def test_dlq_record_names_the_directory_channel_as_peer_and_the_epoch(
+    pipeline: Hl7v2Pipeline, publisher: FakePublisher
+) -> None:
+    label = "directory:lab"
+    answer = await pipeline.handle_frame(NOT_ACCEPTED, label, channel=label, epoch=7)
+
+    assert msa(parse_message(answer)) == ("AR", "CTRL0001")
+    headers = headers_of(publisher.on(DLQ_TOPIC)[0])
+    assert headers["dlq_channel"] == b"directory:lab"
+    assert headers["dlq_peer"] == b"directory:lab"
+    assert headers["ce_leaderepoch"] == b"7"
+    assert headers["dlq_ack"] == answer
+    assert set(headers) <= set(DLQ_SCHEMA["properties"])
+
+
+async def test_dlq_ack_is_the_enhanced_mode_answer_as_sent(
+    pipeline: Hl7v2Pipeline, publisher: FakePublisher
+) -> None:
+    answer = await pipeline.handle_frame(message(message_type="QRY^A19", accept_ack="AL"), PEER)
+
+    headers = headers_of(publisher.on(DLQ_TOPIC)[0])
+    assert headers["dlq_ack_code"] == b"AR"  # the contract's code
+    assert headers["dlq_ack"] == answer
+    assert msa(parse_message(headers["dlq_ack"])) == ("CR", "CTRL0001")  # what was sent
+
+
+async def test_mapping_rejection_records_the_ack_and_peer_too(
+    pipeline: Hl7v2Pipeline, publisher: FakePublisher
+) -> None:
+    payload = message(pid=f"PID|1||{MRN}^^^HOSP^MR||{FAMILY}^{GIVEN}||20231345|F")
+    answer = await pipeline.handle_frame(payload, "[::1]:40000")
+
+    headers = headers_of(publisher.on(DLQ_TOPIC)[0])
+    assert headers["dlq_reason"] == b"data_type_error"
+    assert headers["dlq_peer"] == b"[::1]:40000"
+    assert headers["dlq_ack"] == answer
+    assert errs(parse_message(headers["dlq_ack"])) == [("102", "PID^1^7")]
+    assert headers["ce_hl7sender"] == b"SENDAPP|SENDFAC"
+    assert headers["ce_hl7messagetype"] == b"ADT^A01"
 
 
 async def test_accept_everything_takes_any_type(
