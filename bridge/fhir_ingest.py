@@ -28,10 +28,13 @@ it would give two different events one id.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import concurrent.futures.process
 import hashlib
 import logging
+import multiprocessing
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
@@ -117,6 +120,50 @@ class _Write:
         return (self.source, "\x1f".join(self.identity))
 
 
+def validate_write(resource: Mapping[str, Any], path: str) -> list[Issue]:
+    """The issues of a resource written with create or update (a Bundle stored as a
+    resource resolves its ``urn:`` references among its own entries)."""
+    urls: frozenset[str] = frozenset()
+    if resource.get("resourceType") == "Bundle":
+        urls = frozenset(
+            e["fullUrl"]
+            for e in resource.get("entry") or ()
+            if isinstance(e, Mapping) and isinstance(e.get("fullUrl"), str)
+        )
+    return validate_resource(resource, path=path, bundle_urls=urls)
+
+
+def validate_write_body(body: bytes) -> list[Issue]:
+    """:func:`validate_write` from the body's bytes: what a worker process runs."""
+    resource = parse_json(body)
+    return validate_write(resource, str(resource["resourceType"]))
+
+
+class ProcessValidator:
+    """Validation of large bodies in one worker process (started on first use)."""
+
+    def __init__(self) -> None:
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    async def __call__(self, body: bytes) -> list[Issue]:
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, validate_write_body, body)
+        except concurrent.futures.process.BrokenProcessPool:
+            self._pool = None  # a dead worker: the next call starts another
+            raise FhirRequestError.one(
+                503, "transient", "the validation worker stopped; retry"
+            ) from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
 def event_id_of(source: str, identity: Sequence[str]) -> str:
     """The event id of a write: a UUIDv5 of its source and identity (a request id is
     the client's, so two sources may use the same one)."""
@@ -184,12 +231,17 @@ class FhirIngest:
         publisher: Publisher,
         dedupe: DuplicateFilter,
         metrics: BridgeMetrics,
+        *,
+        offload: Callable[[bytes], Awaitable[list[Issue]]] | None = None,
+        offload_bytes: int = 256 * 1024,
     ) -> None:
         self._settings = settings
         self._publisher = publisher
         self._dedupe = dedupe
         self._metrics = metrics
         self._routes: dict[str, str] = {}
+        self._offload: Callable[[bytes], Awaitable[list[Issue]]] | None = offload
+        self._offload_bytes = offload_bytes
 
     def set_routes(self, routes: Mapping[str, str]) -> None:
         """Topic routing (cluster config): resource type → the events topic that its
@@ -212,8 +264,19 @@ class FhirIngest:
         """``POST [base]/[type]`` (create) or ``PUT [base]/[type]/[id]`` (update)."""
         try:
             resource = parse_json(body)
+            checked = None
+            if self._offload is not None and len(body) > self._offload_bytes:
+                # A large body is validated in a worker process: seconds of CPU must
+                # not hold up the event loop (MLLP answers, other requests).
+                checked = await self._offload(body)
             write = self._checked_write(
-                interaction, resource, resource_type, resource_id, request_id, f"{resource_type}"
+                interaction,
+                resource,
+                resource_type,
+                resource_id,
+                request_id,
+                f"{resource_type}",
+                checked=checked,
             )
             outcome = await self._publish_writes([write], body, base, raw_id=write.event_id)
         except FhirRequestError as exc:
@@ -233,8 +296,10 @@ class FhirIngest:
         path: str,
         *,
         index: int | None = None,
+        checked: list[Issue] | None = None,
     ) -> _Write:
-        """Validate one resource write; raise :class:`FhirRequestError` if it cannot be taken."""
+        """Validate one resource write (``checked``: its issues, found elsewhere);
+        raise :class:`FhirRequestError` if it cannot be taken."""
         if resource.get("resourceType") != resource_type:
             raise FhirRequestError.one(
                 400,
@@ -249,14 +314,7 @@ class FhirIngest:
                 "an update's resource must carry the id the URL names",
                 f"{path}.id",
             )
-        urls: frozenset[str] = frozenset()
-        if resource_type == "Bundle":  # a document or collection stored as a resource
-            urls = frozenset(
-                e["fullUrl"]
-                for e in resource.get("entry") or ()
-                if isinstance(e, Mapping) and isinstance(e.get("fullUrl"), str)
-            )
-        issues = validate_resource(resource, path=path, bundle_urls=urls)
+        issues = checked if checked is not None else validate_write(resource, path)
         if errors_in(issues):
             raise FhirRequestError(422, issues)
         digest = digest_of(resource)

@@ -38,7 +38,7 @@ from bridge.coordination import Membership, ZooKeeperSession
 from bridge.dedupe import DuplicateFilter
 from bridge.diagnosis.leader import DiagnosisDuties
 from bridge.errors import BridgeError, LifecycleError
-from bridge.fhir_ingest import FhirIngest, FhirIngestSettings
+from bridge.fhir_ingest import FhirIngest, FhirIngestSettings, ProcessValidator
 from bridge.kafka import KafkaPublisher, Topics, ensure_topics
 from bridge.mapworker import MappingPool, WorkerConfig
 from bridge.metrics import BridgeMetrics
@@ -119,6 +119,7 @@ class BridgeInstance:
             ),
             self.pipeline,
         )
+        self._fhir_validator = ProcessValidator()
         self.fhir = FhirIngest(
             FhirIngestSettings(
                 topics=self.topics,
@@ -130,6 +131,7 @@ class BridgeInstance:
                 window_s=settings.dedupe_window_s, max_entries=settings.dedupe_max_entries
             ),
             self.metrics,
+            offload=self._fhir_validator,
         )
         self.membership = Membership(self.zookeeper, settings.instance_id, self._describe)
         self.cluster = ClusterNode(
@@ -289,6 +291,7 @@ class BridgeInstance:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        self._fhir_validator.close()
 
     # --- the cluster's calls --------------------------------------------------------------
 

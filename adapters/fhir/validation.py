@@ -142,6 +142,8 @@ def validate_resource(
         model_class(resource_type).model_validate(resource)
     except ValidationError as exc:
         issues.extend(_issues_from(exc, root))
+    except RecursionError:
+        return [Issue("too-costly", "the resource is nested too deeply to validate", root)]
     except (KeyError, ValueError, TypeError):
         # fhir.resources fails outside pydantic on some shapes (an unknown resourceType
         # inside a resource): the JSON checks below name the element; this says it

@@ -49,6 +49,7 @@ from adapters.hl7v2.er7 import (
     DEFAULT_ENCODING,
     EncodingChars,
     MessageHeader,
+    codec_for_charset,
     escape,
     header_for_unparseable,
 )
@@ -209,27 +210,39 @@ def build_ack(
     else:
         msg_type = f"ACK{cs}{h.trigger_event}{cs}ACK"
 
+    def echo(value: str) -> str:
+        """A value copied from the sender's header, made safe for this ACK: components
+        kept, but a field separator, segment break or line break inside it (a broken
+        header) escaped or dropped, so the ACK always parses."""
+        if fs in value:
+            value = value.replace(enc.escape, f"{enc.escape}E{enc.escape}")
+            value = value.replace(fs, f"{enc.escape}F{enc.escape}")
+        return value.replace("\r", "").replace("\n", "")
+
     msh = [
         "MSH",
         enc.msh2,
-        h.receiving_application,
-        h.receiving_facility,
-        h.sending_application,
-        h.sending_facility,
+        echo(h.receiving_application),
+        echo(h.receiving_facility),
+        echo(h.sending_application),
+        echo(h.sending_facility),
         _timestamp(timestamp),
         "",
         msg_type,
         escape(control_id, enc),
-        h.processing_id or "P",
-        version,
+        echo(h.processing_id) or "P",
+        echo(version),
     ]
-    if h.charset:
+    # MSH-18 is repeated only when it names a character set we read and write: the
+    # ACK is encoded in it. An unknown one (or junk from a broken header) would make
+    # the ACK itself unreadable; without MSH-18 it is what it is: ASCII-safe text.
+    if h.charset and codec_for_charset(h.charset) is not None:
         msh += ["", "", "", "", "", h.charset]
     segments = [fs.join(msh)]
 
     modern = vt >= (2, 5)
     if modern:
-        segments.append(f"MSA{fs}{ack_code}{fs}{h.control_id}")
+        segments.append(f"MSA{fs}{ack_code}{fs}{echo(h.control_id)}")
         errs = list(errors)
         if text is not None:
             if errs:
@@ -243,7 +256,7 @@ def build_ack(
             segments.append(_err_v25(err, enc))
     else:
         summary = text if text is not None else (errors[0].message if errors else "")
-        msa = ["MSA", ack_code, h.control_id]
+        msa = ["MSA", ack_code, echo(h.control_id)]
         if errors and vt >= (2, 3):
             first_code = errors[0].code
             condition = (
