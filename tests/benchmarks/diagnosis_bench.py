@@ -79,7 +79,6 @@ from bridge.envelope import now_rfc3339
 from bridge.kafka import Topics
 from tests.benchmarks.fhir_bench import host_cpu_s
 from tests.benchmarks.mllp_bench import (
-    STARTUP_TIMEOUT_S,
     TOPIC_PREFIX,
     Child,
     _raise_interrupt,
@@ -90,6 +89,8 @@ from tests.benchmarks.mllp_bench import (
     git_revision,
     percentiles,
     process_cpu_s,
+    stack_pids,
+    start_dev,
 )
 from tests.kafka_helpers import read_topic
 
@@ -772,26 +773,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     git = git_revision()
     try:
-        bridge = Child(
-            "bridge",
-            [
-                *(sys.executable, "-m", "bridge.cli", "dev"),
-                *("--mllp-port", "0", "--http-port", "0", "--data-dir", str(workdir / "dev")),
-                *("--topic-prefix", TOPIC_PREFIX, "--log-level", "INFO"),
-            ],
-            workdir,
-        )
         try:
-            bridge.wait_ready(time.monotonic() + STARTUP_TIMEOUT_S)
+            bridge = start_dev(workdir, TOPIC_PREFIX)
         except RuntimeError as exc:
             log(f"error: {exc}\n(logs in {workdir})")
             args.keep_logs = True
             return 2
         log(f"started in {time.monotonic() - started:.1f} s; logs in {workdir}")
-        stack = {
-            ("mapping worker" if name.startswith("python") else name): pid
-            for name, pid in bridge.find_descendants().items()
-        }
+        stack = stack_pids(bridge)
         processes = {
             "hl7bridge": bridge.proc.pid,
             **stack,

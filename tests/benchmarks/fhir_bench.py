@@ -69,7 +69,6 @@ from tests.benchmarks.mllp_bench import (
     ACK_TIMEOUT_S,
     OPEN_LOOP_MAX_OVERRUN_S,
     REPO_ROOT,
-    STARTUP_TIMEOUT_S,
     TOPIC_PREFIX,
     Child,
     Mode,
@@ -83,6 +82,8 @@ from tests.benchmarks.mllp_bench import (
     kafka_end_offsets,
     percentiles,
     process_cpu_s,
+    stack_pids,
+    start_dev,
 )
 
 DEFAULT_RESOURCE: Final = (
@@ -724,26 +725,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     git = git_revision()  # of the code the bridge is started with
     try:
-        bridge = Child(
-            "bridge",
-            [
-                *(sys.executable, "-m", "bridge.cli", "dev"),
-                *("--mllp-port", "0", "--http-port", "0", "--data-dir", str(workdir / "dev")),
-                *("--topic-prefix", TOPIC_PREFIX, "--log-level", "INFO"),
-            ],
-            workdir,
-        )
         try:
-            bridge.wait_ready(time.monotonic() + STARTUP_TIMEOUT_S)
+            bridge = start_dev(workdir, TOPIC_PREFIX)
         except RuntimeError as exc:
             log(f"error: {exc}\n(logs in {workdir})")
             args.keep_logs = True
             return 2
         log(f"started in {time.monotonic() - started:.1f} s; logs in {workdir}")
-        stack = {
-            ("mapping worker" if name.startswith("python") else name): pid
-            for name, pid in bridge.find_descendants().items()
-        }
+        stack = stack_pids(bridge)
         processes = {"hl7bridge": bridge.proc.pid, **stack, "load generator": os.getpid()}
         log("  pids: " + ", ".join(f"{name} {pid}" for name, pid in processes.items()))
         url = bridge.ready_field("http") + "/fhir/Observation"

@@ -765,6 +765,35 @@ class Child:
 # --- report -------------------------------------------------------------------------------------
 
 
+def start_dev(workdir: Path, topic_prefix: str) -> Child:
+    """``hl7bridge dev`` on free ports with its data in ``workdir``, started and ready
+    (the benchmarks that measure one bridge instance start it this way). Raises
+    RuntimeError, the child stopped, if it does not become ready in time."""
+    bridge = Child(
+        "bridge",
+        [
+            *(sys.executable, "-m", "bridge.cli", "dev"),
+            *("--mllp-port", "0", "--http-port", "0", "--data-dir", str(workdir / "dev")),
+            *("--topic-prefix", topic_prefix, "--log-level", "INFO"),
+        ],
+        workdir,
+    )
+    try:
+        bridge.wait_ready(time.monotonic() + STARTUP_TIMEOUT_S)
+    except RuntimeError:
+        bridge.stop()
+        raise
+    return bridge
+
+
+def stack_pids(bridge: Child) -> dict[str, int]:
+    """The dev stack's child processes by role (the mapping worker is a python)."""
+    return {
+        ("mapping worker" if name.startswith("python") else name): pid
+        for name, pid in bridge.find_descendants().items()
+    }
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -63,7 +63,6 @@ from tests.benchmarks.mllp_bench import (
     ACK_TIMEOUT_S,
     DEFAULT_MESSAGE,
     OPEN_LOOP_MAX_OVERRUN_S,
-    STARTUP_TIMEOUT_S,
     TOPIC_PREFIX,
     Child,
     Connection,
@@ -78,6 +77,7 @@ from tests.benchmarks.mllp_bench import (
     open_connections,
     percentiles,
     process_cpu_s,
+    start_dev,
 )
 
 ADT_MESSAGE: Final = DEFAULT_MESSAGE.parent / "ADT-A01-01.hl7"
@@ -545,17 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     git = git_revision()
     try:
-        bridge = Child(
-            "bridge",
-            [
-                *(sys.executable, "-m", "bridge.cli", "dev"),
-                *("--mllp-port", "0", "--http-port", "0", "--data-dir", str(workdir / "dev")),
-                *("--topic-prefix", TOPIC_PREFIX, "--log-level", "INFO"),
-            ],
-            workdir,
-        )
         try:
-            bridge.wait_ready(time.monotonic() + STARTUP_TIMEOUT_S)
+            bridge = start_dev(workdir, TOPIC_PREFIX)
         except RuntimeError as exc:
             log(f"error: {exc}\n(logs in {workdir})")
             args.keep_logs = True
