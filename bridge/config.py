@@ -132,6 +132,17 @@ class Settings(BaseModel):
     fhir_retry_after_s: int = Field(default=10, ge=1, le=3600)
     """Retry-After (seconds) of a 503 answer when Kafka could not take a write."""
 
+    # --- acknowledgement mode -------------------------------------------------
+    ack_mode: Literal["kafka", "spool"] = "kafka"
+    """When an HL7 v2 message is acknowledged: ``kafka`` once Kafka has it (acks=all);
+    ``spool`` once it is fsync'ed to the local store-and-forward spool, which forwards
+    to Kafka in order (and drains first after a restart)."""
+    spool_path: Path | None = None
+    """The spool database file (ack_mode spool). Default: ``hl7bridge-spool/<instance_id>.db``
+    in the working directory."""
+    spool_max_bytes: int = Field(default=1024**3, ge=1024)
+    """The spool's size bound; when it is full messages are answered AR 207."""
+
     # --- remote diagnosis -----------------------------------------------------
     diagnosis_closed_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     """How long a finished case's marker is kept, so that a resent event does not

@@ -43,6 +43,7 @@ from bridge.kafka import KafkaPublisher, Topics, ensure_topics
 from bridge.mapworker import MappingPool, WorkerConfig
 from bridge.metrics import BridgeMetrics
 from bridge.pipeline import Hl7v2Pipeline, PipelineSettings
+from bridge.spool import Spool, SpoolingPublisher
 from bridge.web import build_app
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,12 @@ class BridgeInstance:
             if settings.mapping_workers
             else None
         )
+        self.spool: SpoolingPublisher | None = None
+        if settings.ack_mode == "spool":
+            path = settings.spool_path or Path("hl7bridge-spool") / f"{settings.instance_id}.db"
+            self.spool = SpoolingPublisher(
+                Spool(path, max_bytes=settings.spool_max_bytes), self.publisher
+            )
         self.pipeline = Hl7v2Pipeline(
             PipelineSettings(
                 topics=self.topics,
@@ -99,7 +106,7 @@ class BridgeInstance:
                 mapping=settings.mapping_options(),
                 strict_mapping=settings.strict_mapping,
             ),
-            self.publisher,
+            self.spool if self.spool is not None else self.publisher,
             DuplicateFilter(
                 window_s=settings.dedupe_window_s, max_entries=settings.dedupe_max_entries
             ),
@@ -198,6 +205,8 @@ class BridgeInstance:
         try:
             await self.zookeeper.start()
             await self.publisher.start()
+            if self.spool is not None:
+                self.spool.start()  # drains what a previous run left, first
             if self.mapping_pool is not None:
                 await self.mapping_pool.start()
             await self.mllp.start()
@@ -233,6 +242,7 @@ class BridgeInstance:
             ("mllp", self.mllp.stop),
             ("http", self._stop_http),
             ("mapping workers", self._stop_mapping),
+            ("spool", self._stop_spool),
             ("kafka", self.publisher.stop),
             ("membership", self.membership.leave),
             ("zookeeper", self.zookeeper.stop),
@@ -282,6 +292,10 @@ class BridgeInstance:
         server = site._server  # aiohttp exposes no public accessor for the bound port
         sockets = getattr(server, "sockets", None) or []
         self._http_port = sockets[0].getsockname()[1] if sockets else self.settings.http_port
+
+    async def _stop_spool(self) -> None:
+        if self.spool is not None:
+            await self.spool.stop(drain_timeout_s=self.settings.drain_timeout_s)
 
     async def _stop_mapping(self) -> None:
         if self.mapping_pool is not None:

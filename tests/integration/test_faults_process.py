@@ -208,3 +208,72 @@ async def test_zookeeper_stopped_under_load_push_ingest_goes_on(
     assert set(load.answers.values()) == {"AA"}
     published = await published_ids(broker.bootstrap, topic_prefix, len(load.accepted))
     assert load.accepted <= set(published)
+
+
+def patient_message(sender: int, n: int) -> bytes:
+    segments = (
+        f"MSH|^~\\&|LOAD|HOSP|EHR|HOSP|20240101120000+0100||ADT^A08^ADT_A01|S{sender}-{n:05d}|P|2.5.1",
+        "EVN|A08|20240101120000",
+        f"PID|1||PAT{sender}^^^HOSP^MR||DOE^JANE||19800101|F",
+        "PV1|1|O",
+    )
+    return ("\r".join(segments) + "\r").encode()
+
+
+async def test_spool_mode_acks_while_the_broker_is_away_and_delivers_in_order_after(
+    start_instance: InstanceFactory, own_broker: Any, topic_prefix: str, tmp_path: Path
+) -> None:
+    settings: dict[str, Any] = {
+        "ack_mode": "spool",
+        "spool_path": tmp_path / "spool.db",
+        "kafka_publish_timeout_s": 1.0,
+        "instance_id": "spool-1",
+    }
+    instance = await start_instance(own_broker.bootstrap, **settings)
+    await asyncio.to_thread(own_broker.stop)
+    codes: dict[str, str] = {}
+    # Three patients, 40 messages each, sent while Kafka is away: every one is AA
+    # (committed to the spool), none waits for Kafka.
+    for sender in range(3):
+        async with MLLPClient("127.0.0.1", instance.mllp.port) as client:
+            for n in range(40):
+                ack = await client.send(patient_message(sender, n), timeout_s=10)
+                codes[f"S{sender}-{n:05d}"] = summarize_ack("t", 1, ack).ack_code
+    assert set(codes.values()) == {"AA"} and len(codes) == 120
+    # The instance stops with the broker still away: what it could not forward stays
+    # in the spool. The broker comes back, then a new instance on the same spool
+    # forwards it first.
+    await instance.stop()
+    await asyncio.to_thread(own_broker.start)
+    await ensure_topics(own_broker.bootstrap, instance.topics.all(), partitions=3)
+    again = await start_instance(own_broker.bootstrap, **settings)
+    assert again.spool is not None
+    records = await read_topic(
+        own_broker.bootstrap, f"{topic_prefix}.raw.hl7v2", min_records=120, timeout_s=60
+    )
+    by_patient: dict[bytes, list[str]] = {}
+    for record in records:
+        control = dict(record.headers)["ce_hl7controlid"].decode()
+        by_patient.setdefault(record.key or b"", []).append(control)
+    assert sorted(c for seq in by_patient.values() for c in seq) == sorted(codes)
+    for sequence in by_patient.values():  # in order per patient
+        assert sequence == sorted(sequence)
+
+
+async def test_a_full_spool_answers_ar_207(
+    start_instance: InstanceFactory, own_broker: Any, tmp_path: Path
+) -> None:
+    instance = await start_instance(
+        own_broker.bootstrap, ack_mode="spool", spool_path=tmp_path / "s.db",
+        spool_max_bytes=40_000, kafka_publish_timeout_s=1.0,
+    )  # fmt: skip
+    await asyncio.to_thread(own_broker.stop)
+    answers = []
+    async with MLLPClient("127.0.0.1", instance.mllp.port) as client:
+        for n in range(40):
+            ack = await client.send(patient_message(9, n), timeout_s=10)
+            summary = summarize_ack("t", 1, ack)
+            answers.append((summary.ack_code, summary.errors[0]["code"] if summary.errors else ""))
+    assert answers[0] == ("AA", "")
+    assert ("AR", "207") in answers  # full: refused, the sender keeps the message
+    assert all(a == ("AA", "") or a == ("AR", "207") for a in answers)
