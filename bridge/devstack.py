@@ -176,14 +176,14 @@ def _log_tail(log: IO[bytes], since: int) -> str:
 _Finalizer: TypeAlias = "weakref.finalize[[subprocess.Popen[bytes], IO[bytes]], _ServerProcess]"
 
 
-class _StartStop:
+class _StartStop(abc.ABC):
     """``with`` starts and stops: the servers and stacks below are context managers."""
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
-    def stop(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def stop(self) -> None: ...
 
     def __enter__(self) -> Self:
         self.start()
@@ -198,7 +198,7 @@ class _StartStop:
         self.stop()
 
 
-class _ServerProcess(_StartStop, abc.ABC):
+class _ServerProcess(_StartStop):
     """One server as a child process: spawn, wait until it answers, stop, restart."""
 
     #: How errors name the server; a class attribute, unless an instance sets its own.
