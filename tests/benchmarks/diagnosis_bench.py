@@ -56,7 +56,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -86,6 +85,7 @@ from tests.benchmarks.mllp_bench import (
     ack_fields,
     cpu_model,
     describe_ack,
+    end_run,
     git_revision,
     percentiles,
     process_cpu_s,
@@ -853,12 +853,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {exc}")
         return 1
     finally:
-        if bridge is not None:
-            bridge.stop()
-        if args.keep_logs or failed:
-            log(f"logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        end_run([bridge], workdir, keep=args.keep_logs or failed, log=log)
 
 
 if __name__ == "__main__":

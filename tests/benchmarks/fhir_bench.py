@@ -49,7 +49,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -77,6 +76,7 @@ from tests.benchmarks.mllp_bench import (
     _raise_interrupt,
     _version,
     cpu_model,
+    end_run,
     git_revision,
     kafka_check,
     kafka_end_offsets,
@@ -771,12 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted")
         return 130
     finally:
-        if bridge is not None:
-            bridge.stop()
-        if args.keep_logs or failed:
-            log(f"logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        end_run([bridge], workdir, keep=args.keep_logs or failed, log=log)
 
 
 if __name__ == "__main__":

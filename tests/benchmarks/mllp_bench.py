@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -786,6 +786,19 @@ def start_dev(workdir: Path, topic_prefix: str) -> Child:
     return bridge
 
 
+def end_run(
+    children: Sequence[Child | None], workdir: Path, *, keep: bool, log: Callable[[str], None]
+) -> None:
+    """Stop the children (last started first) and remove ``workdir`` unless kept."""
+    for child in reversed(children):
+        if child is not None:
+            child.stop()
+    if keep:
+        log(f"logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def stack_pids(bridge: Child) -> dict[str, int]:
     """The dev stack's child processes by role (the mapping worker is a python)."""
     return {
@@ -1123,12 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted")
         return 130
     finally:
-        for child in reversed(children):
-            child.stop()
-        if args.keep_logs or failed:
-            log(f"logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        end_run(children, workdir, keep=args.keep_logs or failed, log=log)
 
 
 if __name__ == "__main__":

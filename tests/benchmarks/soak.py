@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import signal
 import sys
 import tempfile
@@ -73,6 +72,7 @@ from tests.benchmarks.mllp_bench import (
     ack_fields,
     close_connections,
     cpu_model,
+    end_run,
     git_revision,
     open_connections,
     percentiles,
@@ -797,12 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted")
         return 130
     finally:
-        if bridge is not None:
-            bridge.stop()
-        if args.keep_logs or failed:
-            log(f"logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        end_run([bridge], workdir, keep=args.keep_logs or failed, log=log)
 
 
 if __name__ == "__main__":
