@@ -16,7 +16,8 @@ Two deliberate choices:
   publishing a second copy.
 
 The window is per instance (in memory, bounded by ``max_entries``, oldest
-evicted first). Across instances the deterministic ``ce_id`` lets consumers drop
+evicted first; about 200 bytes per remembered message, so the default 200,000
+entries hold ~40 MB per ingest). Across instances the deterministic ``ce_id`` lets consumers drop
 what a load balancer sent to two instances.
 """
 
@@ -24,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import NamedTuple
 
 DedupeKey = tuple[str, str]
 
@@ -46,15 +47,43 @@ def content_fingerprint(text: str) -> bytes:
     return digest.digest()
 
 
-class _Entry(NamedTuple):
-    # A tuple of atomic values: the garbage collector stops tracking it, so a
-    # window of 200,000 remembered messages adds nothing to each full collection.
-    ack_code: str
-    expires_at: float
+#: A remembered message: the time it is forgotten, then its ack code (ASCII).
+_EXPIRY = struct.Struct("<d")
+_FINGERPRINT_BYTES = 16
+
+
+def _identity(key: DedupeKey) -> bytes:
+    """16 bytes for (sender, control id): a remembered message costs ~200 bytes, not
+    the ~540 of keeping the strings, tuples and floats as Python objects."""
+    sender, control_id = key
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(sender.encode("utf-8", "surrogatepass"))
+    digest.update(b"\x1f")
+    digest.update(control_id.encode("utf-8", "surrogatepass"))
+    return digest.digest()
+
+
+def _pack(expires_at: float, ack_code: str) -> bytes:
+    return _EXPIRY.pack(expires_at) + ack_code.encode("ascii")
+
+
+def _expires_at(packed: bytes) -> float:
+    return float(_EXPIRY.unpack_from(packed)[0])
+
+
+def _ack_code(packed: bytes) -> str:
+    return packed[_EXPIRY.size :].decode("ascii")
 
 
 class DuplicateFilter:
-    """Remembers accepted messages for ``window_s``; coalesces in-flight resends."""
+    """Remembers accepted messages for ``window_s``; coalesces in-flight resends.
+
+    Memory: each remembered message is two bytes objects in an ordered dict,
+    keyed by a digest of (sender, control id): the latest accepted content of
+    every control id with its expiry and ack code. Content that a control id
+    reuse superseded is kept apart until it expires (rare: senders resetting
+    their counters), so a resend of it is still answered as a duplicate.
+    """
 
     def __init__(
         self,
@@ -66,9 +95,10 @@ class DuplicateFilter:
         self._window_s = window_s
         self._max_entries = max_entries
         self._clock = clock
-        self._seen: OrderedDict[tuple[str, str, bytes], _Entry] = OrderedDict()
-        #: The latest fingerprint accepted per control id, to notice reuse.
-        self._latest: dict[DedupeKey, bytes] = {}
+        #: identity → fingerprint + expiry + ack code of its latest accepted content.
+        self._latest: OrderedDict[bytes, bytes] = OrderedDict()
+        #: identity + fingerprint → expiry + ack code, for superseded content.
+        self._superseded: OrderedDict[bytes, bytes] = OrderedDict()
         self._pending: dict[tuple[str, str, bytes], asyncio.Future[str | None]] = {}
 
     @property
@@ -76,22 +106,29 @@ class DuplicateFilter:
         return self._window_s > 0 and self._max_entries > 0
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return len(self._latest) + len(self._superseded)
 
     def lookup(self, key: DedupeKey, fingerprint: bytes) -> str | None:
         """The ack code given to an identical earlier message, if within the window."""
-        entry = self._seen.get((*key, fingerprint))
-        if entry is None or entry.expires_at <= self._clock():
+        identity = _identity(key)
+        latest = self._latest.get(identity)
+        if latest is not None and latest[:_FINGERPRINT_BYTES] == fingerprint:
+            packed = latest[_FINGERPRINT_BYTES:]
+        else:
+            found = self._superseded.get(identity + fingerprint)
+            if found is None:
+                return None
+            packed = found
+        if _expires_at(packed) <= self._clock():
             return None
-        return entry.ack_code
+        return _ack_code(packed)
 
     def reused(self, key: DedupeKey, fingerprint: bytes) -> bool:
         """True when the control id was accepted, within the window, with other content."""
-        latest = self._latest.get(key)
-        if latest is None or latest == fingerprint:
+        latest = self._latest.get(_identity(key))
+        if latest is None or latest[:_FINGERPRINT_BYTES] == fingerprint:
             return False
-        entry = self._seen.get((*key, latest))
-        return entry is not None and entry.expires_at > self._clock()
+        return _expires_at(latest[_FINGERPRINT_BYTES:]) > self._clock()
 
     def pending(self, key: DedupeKey, fingerprint: bytes) -> asyncio.Future[str | None] | None:
         """The in-flight attempt of the same message, if there is one."""
@@ -104,25 +141,29 @@ class DuplicateFilter:
 
     def finish(self, key: DedupeKey, fingerprint: bytes, ack_code: str | None) -> None:
         """End an attempt; remember it if accepted (``ack_code`` not None)."""
-        full = (*key, fingerprint)
-        future = self._pending.pop(full, None)
+        future = self._pending.pop((*key, fingerprint), None)
         if future is not None and not future.done():
             future.set_result(ack_code)
         if ack_code is None or not self.enabled:
             return
-        self._seen[full] = _Entry(ack_code, self._clock() + self._window_s)
-        self._seen.move_to_end(full)
-        self._latest[key] = fingerprint
-        self._evict()
-
-    def _evict(self) -> None:
         now = self._clock()
-        while self._seen:
-            full, entry = next(iter(self._seen.items()))
-            if len(self._seen) > self._max_entries or entry.expires_at <= now:
-                del self._seen[full]
-                sender, control_id, fingerprint = full
-                if self._latest.get((sender, control_id)) == fingerprint:
-                    del self._latest[(sender, control_id)]
-            else:
-                break
+        identity = _identity(key)
+        earlier = self._latest.pop(identity, None)
+        if earlier is not None and earlier[:_FINGERPRINT_BYTES] != fingerprint:
+            packed = earlier[_FINGERPRINT_BYTES:]
+            if _expires_at(packed) > now:  # reuse: the earlier content stays remembered
+                self._superseded[identity + earlier[:_FINGERPRINT_BYTES]] = packed
+        self._superseded.pop(identity + fingerprint, None)
+        self._latest[identity] = fingerprint + _pack(now + self._window_s, ack_code)
+        self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        """Drop expired entries, then the oldest (superseded content first) over the bound."""
+        for entries, offset in ((self._superseded, 0), (self._latest, _FINGERPRINT_BYTES)):
+            while entries:
+                identity, packed = next(iter(entries.items()))
+                if _expires_at(packed[offset:]) > now:
+                    break
+                del entries[identity]
+        while len(self) > self._max_entries:
+            (self._superseded or self._latest).popitem(last=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
@@ -137,6 +137,23 @@ class KafkaPublisher:
             await self._producer.stop()
         except KafkaError as exc:  # pragma: no cover - best effort on shutdown
             log.warning("kafka producer stop failed: %s", type(exc).__name__)
+
+    async def missing_topics(self, topics: Iterable[str]) -> set[str]:
+        """Those of ``topics`` the broker does not know, from freshly fetched metadata.
+
+        Raises :class:`PublishError` if the broker cannot be asked.
+        """
+        producer = self._producer
+        if producer is None or self._stopped:
+            raise PublishError("the Kafka publisher is not running")
+        try:
+            async with asyncio.timeout(self._publish_timeout_s):
+                metadata = await producer.client.fetch_all_metadata()
+        except KafkaError as exc:
+            raise PublishError(f"no Kafka metadata: {type(exc).__name__}") from exc
+        except TimeoutError as exc:
+            raise PublishError(f"no Kafka metadata within {self._publish_timeout_s:g} s") from exc
+        return set(topics) - set(metadata.topics())
 
     async def publish(self, records: Sequence[OutRecord]) -> list[Delivered]:
         """Send records and wait until Kafka acknowledged every one (acks=all).

@@ -63,6 +63,24 @@ class BridgeMetrics:
             "Open MLLP connections.",
             registry=self.registry,
         )
+        self.dedupe_entries = Gauge(
+            "hl7bridge_dedupe_entries",
+            "Accepted messages remembered for duplicate detection (bounded by "
+            "dedupe_max_entries), by ingest: hl7v2 or fhir.",
+            ("ingest",),
+            registry=self.registry,
+        )
+        self.spool_messages = Gauge(
+            "hl7bridge_spool_messages",
+            "Messages in the store-and-forward spool not yet acknowledged by Kafka "
+            "(ack_mode spool).",
+            registry=self.registry,
+        )
+        self.spool_bytes = Gauge(
+            "hl7bridge_spool_bytes",
+            "Size of the spooled messages (bounded by spool_max_bytes).",
+            registry=self.registry,
+        )
         self.ready = Gauge(
             "hl7bridge_ready",
             "1 when the instance accepts traffic (Kafka and ZooKeeper reachable).",

@@ -94,9 +94,10 @@ class BridgeInstance:
         self.spool: SpoolingPublisher | None = None
         if settings.ack_mode == "spool":
             path = settings.spool_path or Path("hl7bridge-spool") / f"{settings.instance_id}.db"
-            self.spool = SpoolingPublisher(
-                Spool(path, max_bytes=settings.spool_max_bytes), self.publisher
-            )
+            spool = Spool(path, max_bytes=settings.spool_max_bytes)
+            self.spool = SpoolingPublisher(spool, self.publisher)
+            self.metrics.spool_messages.set_function(lambda: spool.count)
+            self.metrics.spool_bytes.set_function(lambda: spool.size_bytes)
         self.pipeline = Hl7v2Pipeline(
             PipelineSettings(
                 topics=self.topics,
@@ -107,9 +108,7 @@ class BridgeInstance:
                 strict_mapping=settings.strict_mapping,
             ),
             self.spool if self.spool is not None else self.publisher,
-            DuplicateFilter(
-                window_s=settings.dedupe_window_s, max_entries=settings.dedupe_max_entries
-            ),
+            self._duplicate_filter("hl7v2"),
             self.metrics,
             mapper=self.mapping_pool,
         )
@@ -134,9 +133,7 @@ class BridgeInstance:
                 retry_after_s=settings.fhir_retry_after_s,
             ),
             self.publisher,
-            DuplicateFilter(
-                window_s=settings.dedupe_window_s, max_entries=settings.dedupe_max_entries
-            ),
+            self._duplicate_filter("fhir"),
             self.metrics,
             offload=self._fhir_validator,
         )
@@ -170,6 +167,14 @@ class BridgeInstance:
         self._http_port = 0
         self._refresh: asyncio.Task[None] | None = None
         self._state = "new"
+
+    def _duplicate_filter(self, ingest: str) -> DuplicateFilter:
+        dedupe = DuplicateFilter(
+            window_s=self.settings.dedupe_window_s,
+            max_entries=self.settings.dedupe_max_entries,
+        )
+        self.metrics.dedupe_entries.labels(ingest).set_function(lambda: len(dedupe))
+        return dedupe
 
     # --- addresses --------------------------------------------------------------------
 

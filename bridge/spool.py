@@ -19,7 +19,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -29,6 +29,9 @@ from bridge.errors import OverloadedError, UnavailableError, describe_failure
 from bridge.kafka import Delivered, OutRecord
 
 log = logging.getLogger(__name__)
+
+#: Pause between the forwarder's attempts while Kafka is away.
+_RETRY_S = 0.5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
@@ -41,6 +44,8 @@ CREATE TABLE IF NOT EXISTS spool (
 
 class Publisher(Protocol):
     async def publish(self, records: Sequence[OutRecord]) -> list[Delivered]: ...
+
+    async def missing_topics(self, topics: Iterable[str]) -> set[str]: ...
 
 
 def _encode(records: Sequence[OutRecord]) -> bytes:
@@ -124,6 +129,11 @@ class SpoolingPublisher:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
+    @property
+    def backlog(self) -> int:
+        """Messages spooled and not yet acknowledged by Kafka."""
+        return self._spool.count
+
     async def publish(self, records: Sequence[OutRecord]) -> list[Delivered]:
         try:
             await asyncio.to_thread(self._spool.append, records)
@@ -150,6 +160,31 @@ class SpoolingPublisher:
                 await self._task
         await asyncio.to_thread(self._spool.close)
 
+    async def _until_topics_exist(self, topics: set[str]) -> None:
+        """After a failed send, wait until the broker answers and knows every topic.
+
+        A broker that comes back without its topics (a rebuilt cluster, a deleted
+        topic, a broker that keeps no state) must not be sent the spool: depending on
+        its auto-create setting it would refuse each record, create the topic with
+        the wrong partitioning, or (some Kafka-protocol brokers) acknowledge records
+        it does not keep. The spool waits instead, and fills towards AR 207.
+        """
+        reported: set[str] = set()
+        while not self._stopping:
+            await asyncio.sleep(_RETRY_S)
+            try:
+                missing = await self._kafka.missing_topics(topics)
+            except UnavailableError:
+                continue
+            if not missing:
+                return
+            if missing != reported:
+                log.warning(
+                    "spool forwarder: waiting for topics missing on the broker: %s",
+                    ", ".join(sorted(missing)),
+                )
+                reported = missing
+
     async def _forward(self) -> None:
         while True:
             entries = await asyncio.to_thread(self._spool.oldest, self._batch)
@@ -164,7 +199,7 @@ class SpoolingPublisher:
                 await self._kafka.publish(records)  # in order: one batch, sent in order
             except UnavailableError as exc:
                 log.warning("spool forwarder: %s; retrying", describe_failure(exc))
-                await asyncio.sleep(0.5)
+                await self._until_topics_exist({r.topic for r in records})
                 continue
             await asyncio.to_thread(
                 self._spool.delete_through,

@@ -4,7 +4,7 @@ claims to talk to Kafka or ZooKeeper."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from bridge.errors import PublishError
 from bridge.kafka import Delivered, OutRecord
@@ -17,6 +17,7 @@ class FakePublisher:
     ``fail_next``: that many calls raise PublishError, whatever the topic.
     ``gate``: when set, each call waits for it before answering (a slow broker);
     ``entered`` is set as soon as a call arrives.
+    ``missing``: topics the broker does not know (:meth:`missing_topics`).
     """
 
     def __init__(self) -> None:
@@ -26,6 +27,7 @@ class FakePublisher:
         self.fail_next = 0
         self.gate: asyncio.Event | None = None
         self.entered = asyncio.Event()
+        self.missing: set[str] = set()
 
     @property
     def records(self) -> list[OutRecord]:
@@ -33,6 +35,9 @@ class FakePublisher:
 
     def on(self, topic: str) -> list[OutRecord]:
         return [record for record in self.records if record.topic == topic]
+
+    async def missing_topics(self, topics: Iterable[str]) -> set[str]:
+        return set(topics) & self.missing
 
     async def publish(self, records: Sequence[OutRecord]) -> list[Delivered]:
         self.calls += 1

@@ -27,7 +27,14 @@ run, "flat" when at most ``--flat-mb-per-min``.
 Run from the repository root::
 
     .venv/bin/python -m tests.benchmarks.soak [--duration-s 600] [--rate 500]
-        [--fhir-share 0.1] [--connections 8] [--sample-s 10] [--json]
+        [--fhir-share 0.1] [--connections 32] [--sample-s 10] [--json]
+
+The bridge runs with its defaults; ``HL7BRIDGE_*`` variables in the environment reach it
+(``hl7bridge dev`` reads them) and are printed in the report. Its bounded in-memory
+state, the duplicate-detection windows (``hl7bridge_dedupe_entries`` from ``/metrics``,
+sampled with the RSS), fills up to ``dedupe_max_entries`` or ``dedupe_window_s`` worth of
+messages: memory is only comparable once they are full, for example with
+``HL7BRIDGE_DEDUPE_WINDOW_S=120`` for a 10-minute run.
 
 Exit status 0; 1 if anything answered AA/202 is missing from Kafka, any message was
 not answered AA/202, or memory is growing; 2 if the bridge could not be started.
@@ -100,6 +107,24 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+async def dedupe_entries(metrics_url: str) -> dict[str, int]:
+    """``hl7bridge_dedupe_entries`` by ingest from the bridge's ``/metrics`` ({} if none)."""
+    found: dict[str, int] = {}
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(metrics_url, timeout=aiohttp.ClientTimeout(total=2)) as response,
+        ):
+            text = await response.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return found
+    for line in text.splitlines():
+        if line.startswith('hl7bridge_dedupe_entries{ingest="'):
+            labels, _, value = line.rpartition(" ")
+            found[labels.split('"')[1]] = int(float(value))
+    return found
 
 
 def slope_per_min(points: list[tuple[float, float]]) -> float | None:
@@ -401,6 +426,8 @@ def render(report: dict[str, Any]) -> str:
         f"hl7bridge soak  {meta['date_utc']}  git {meta['git'] or '?'}",
         f"machine: nproc={meta['nproc']} ({meta['cpu_model']}), Python {meta['python']}",
         f"command: {meta['command']}",
+        "bridge settings from the environment: "
+        + (" ".join(f"{k}={v}" for k, v in sorted(meta["bridge_env"].items())) or "none"),
         f"load: {cfg['rate']:g}/s for {cfg['duration_s']:g} s; MLLP {cfg['mllp_rate']:g}/s on "
         f"{cfg['connections']} connections ({cfg['mllp_types']}); FHIR {cfg['fhir_rate']:g}/s "
         f"on {cfg['fhir_clients']} clients",
@@ -431,6 +458,12 @@ def render(report: dict[str, Any]) -> str:
                 f"{x:>+9.2f}" if x is not None else f"{'-':>9}"
                 for x in (slope, s["slope_mb_per_min_last_quarter"])
             )
+        )
+    for ingest, series in report["dedupe_entries"].items():
+        full_at = next((t for t, n in series if n == max(n for _, n in series)), None)
+        lines.append(
+            f"  dedupe window {ingest}: {series[-1][1] if series else 0} entries at the end, "
+            f"largest first reached at {full_at if full_at is not None else '-'} s"
         )
     window = res["run_window_s"]
     lines += ["", f"cpu seconds per process over the run ({window:.1f} s, {meta['nproc']} cores)"]
@@ -492,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration-s", type=float, default=600.0, help="load time (600)")
     parser.add_argument("--rate", type=float, default=500.0, help="messages/s in total (500)")
     parser.add_argument("--fhir-share", type=float, default=0.1, help="FHIR share (0.1)")
-    parser.add_argument("--connections", type=int, default=8, help="MLLP connections (8)")
+    parser.add_argument("--connections", type=int, default=32, help="MLLP connections (32)")
     parser.add_argument("--fhir-clients", type=int, default=4, help="FHIR clients (4)")
     parser.add_argument("--sample-s", type=float, default=10.0, help="RSS sample period (10)")
     parser.add_argument(
@@ -565,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
         log("  pids: " + ", ".join(f"{name} {pid}" for name, pid in processes.items()))
         host, port = bridge.ready_field("mllp").rsplit(":", 1)
         url = bridge.ready_field("http") + "/fhir/Observation"
+        metrics_url = bridge.ready_field("http") + "/metrics"
+        dedupe: dict[str, list[tuple[float, int]]] = {}
         bootstrap = bridge.ready_field("kafka")
         topics = Topics(TOPIC_PREFIX)
         rss: dict[str, list[tuple[float, float]]] = {}
@@ -587,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                 i = 0
                 log(
                     f"{'elapsed s':>9}{'sent':>9}{'answered':>9}{'ok':>9}{'/s':>7}  RSS MB: "
-                    "bridge worker tansu zookeeper generator"
+                    "bridge worker tansu zookeeper generator  dedupe: hl7v2 fhir"
                 )
                 last_ok, last_t = 0, 0.0
                 while True:
@@ -608,6 +643,11 @@ def main(argv: list[str] | None = None) -> int:
                     if gen is not None:
                         rss.setdefault("load generator", []).append((elapsed, gen))
                     row.append(f"{gen:.1f}" if gen is not None else "-")
+                    entries = await dedupe_entries(metrics_url)
+                    for ingest in ("hl7v2", "fhir"):
+                        if ingest in entries:
+                            dedupe.setdefault(ingest, []).append((elapsed, entries[ingest]))
+                    row.append(" " + " ".join(str(entries.get(i, "-")) for i in ("hl7v2", "fhir")))
                     sent = soak.mllp.sent + soak.fhir.sent
                     answered = soak.mllp.answered + soak.fhir.answered
                     ok = len(soak.mllp.ok_ids) + len(soak.fhir.ok_ids)
@@ -751,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
                 },
                 "run_s": round(time.monotonic() - started, 1),
                 "pids": processes,
+                "bridge_env": {k: v for k, v in os.environ.items() if k.startswith("HL7BRIDGE_")},
             },
             "config": {
                 "duration_s": args.duration_s,
@@ -782,6 +823,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_samples": {
                 name: [[round(t, 1), round(v, 1)] for t, v in s] for name, s in rss.items()
             },
+            "dedupe_entries": {i: [[round(t, 1), n] for t, n in s] for i, s in dedupe.items()},
             "cpu_s": out["cpu_s"],
             "host_cpu_s": out["host_cpu_s"],
             "kafka": kafka,

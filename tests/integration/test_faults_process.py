@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -38,15 +39,32 @@ def message(control_id: str) -> bytes:
     return ("\r".join(segments) + "\r").encode()
 
 
+def one_patient_each(sender: int, n: int) -> tuple[str, bytes]:
+    """A message for a patient of its own: control id L<sender>-<n>, PID-3 the same."""
+    control_id = f"L{sender}-{n:05d}"
+    return control_id, message(control_id)
+
+
 class Load:
     """Senders that each send one message after another until stopped or cut off,
-    recording every answer: control id → MSA-1."""
+    recording every answer: control id → MSA-1. ``make(sender, n)`` gives the control
+    id and the message; :meth:`pause` holds every sender before its next message."""
 
-    def __init__(self, port: Callable[[], int], senders: int = 4) -> None:
+    def __init__(
+        self,
+        port: Callable[[], int],
+        senders: int = 4,
+        make: Callable[[int, int], tuple[str, bytes]] = one_patient_each,
+    ) -> None:
         self._port = port
         self._senders = senders
+        self._make = make
         self.answers: dict[str, str] = {}
         self._stop = asyncio.Event()
+        self._running = asyncio.Event()
+        self._running.set()
+        self._idle = 0
+        self._idle_changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -54,17 +72,36 @@ class Load:
 
     async def stop(self) -> None:
         self._stop.set()
+        self._running.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def pause(self) -> None:
+        """Hold the senders; returns once none has a message in flight."""
+        self._running.clear()
+        async with self._idle_changed:
+            await self._idle_changed.wait_for(lambda: self._idle >= self._senders)
+
+    def resume(self) -> None:
+        self._running.set()
+
+    async def _may_send(self) -> bool:
+        if not self._running.is_set():
+            async with self._idle_changed:
+                self._idle += 1
+                self._idle_changed.notify_all()
+            await self._running.wait()
+            self._idle -= 1
+        return not self._stop.is_set()
 
     async def _send(self, sender: int) -> None:
         n = 0
         while not self._stop.is_set():
             try:
                 async with MLLPClient("127.0.0.1", self._port()) as client:
-                    while not self._stop.is_set():
-                        control_id = f"L{sender}-{n:05d}"
+                    while await self._may_send():
+                        control_id, payload = self._make(sender, n)
                         n += 1
-                        ack = await client.send(message(control_id), timeout_s=15)
+                        ack = await client.send(payload, timeout_s=15)
                         self.answers[control_id] = summarize_ack("t", 1, ack).ack_code
             except Exception:  # cut off (refused, reset, timed out): reconnect
                 await asyncio.sleep(0.1)
@@ -220,7 +257,70 @@ def patient_message(sender: int, n: int) -> bytes:
     return ("\r".join(segments) + "\r").encode()
 
 
-async def test_spool_mode_acks_while_the_broker_is_away_and_delivers_in_order_after(
+def one_patient_per_sender(sender: int, n: int) -> tuple[str, bytes]:
+    return f"S{sender}-{n:05d}", patient_message(sender, n)
+
+
+async def raw_by_patient(bootstrap: str, prefix: str, minimum: int) -> dict[bytes, list[str]]:
+    """Patient key → the control ids on the raw topic in their order, each once."""
+    records = await read_topic(bootstrap, f"{prefix}.raw.hl7v2", min_records=minimum, timeout_s=60)
+    by_patient: dict[bytes, list[str]] = {}
+    for record in records:
+        control = dict(record.headers)["ce_hl7controlid"].decode()
+        sequence = by_patient.setdefault(record.key or b"", [])
+        if control not in sequence:  # at least once: a re-sent batch repeats
+            sequence.append(control)
+    return by_patient
+
+
+async def until_spool_empty(instance: BridgeInstance, timeout_s: float = 30) -> None:
+    assert instance.spool is not None
+    deadline = time.monotonic() + timeout_s
+    while instance.spool.backlog:
+        assert time.monotonic() < deadline, f"{instance.spool.backlog} spooled messages left"
+        await asyncio.sleep(0.05)
+
+
+async def test_spool_mode_broker_stopped_under_load_all_aa_all_delivered_in_order(
+    start_instance: InstanceFactory, own_broker: Any, topic_prefix: str, tmp_path: Path
+) -> None:
+    instance = await start_instance(
+        own_broker.bootstrap, ack_mode="spool", spool_path=tmp_path / "spool.db",
+        kafka_publish_timeout_s=1.0, instance_id="spool-live",
+    )  # fmt: skip
+    load = Load(lambda: instance.mllp.port, senders=3, make=one_patient_per_sender)
+    load.start()
+    await asyncio.sleep(1.0)
+    # Tansu keeps records in memory only: what is forwarded before it stops is gone
+    # with it. Hold the load until the spool is empty; count from there.
+    await load.pause()
+    await until_spool_empty(instance)
+    before = set(load.answers)
+    await asyncio.to_thread(own_broker.stop)
+    load.resume()
+    await asyncio.sleep(3.0)  # answered from the spool while the broker is away
+    during = len(load.answers) - len(before)
+    gauge = re.search(r"^hl7bridge_spool_messages (\S+)$", instance.metrics.render().decode(), re.M)
+    spooled = float(gauge[1]) if gauge else 0.0  # waiting in the spool for the broker
+    await asyncio.to_thread(own_broker.start)
+    # The broker is back without topics: the forwarder waits for them (it must not
+    # hand records to a broker that would drop them), then drains in order.
+    await asyncio.sleep(1.0)
+    await ensure_topics(own_broker.bootstrap, instance.topics.all(), partitions=3)
+    await asyncio.sleep(2.0)
+    await load.stop()
+    await until_spool_empty(instance)
+    assert set(load.answers.values()) == {"AA"}
+    assert during > 30 and spooled > 30  # the load went on while the broker was away
+    expected = sorted(set(load.answers) - before)
+    by_patient = await raw_by_patient(own_broker.bootstrap, topic_prefix, len(expected))
+    assert sorted(c for seq in by_patient.values() for c in seq) == expected
+    assert len(by_patient) == 3
+    for sequence in by_patient.values():  # in order per patient
+        assert sequence == sorted(sequence)
+
+
+async def test_spool_left_with_the_broker_away_is_forwarded_in_order_by_the_next_start(
     start_instance: InstanceFactory, own_broker: Any, topic_prefix: str, tmp_path: Path
 ) -> None:
     settings: dict[str, Any] = {
@@ -248,13 +348,7 @@ async def test_spool_mode_acks_while_the_broker_is_away_and_delivers_in_order_af
     await ensure_topics(own_broker.bootstrap, instance.topics.all(), partitions=3)
     again = await start_instance(own_broker.bootstrap, **settings)
     assert again.spool is not None
-    records = await read_topic(
-        own_broker.bootstrap, f"{topic_prefix}.raw.hl7v2", min_records=120, timeout_s=60
-    )
-    by_patient: dict[bytes, list[str]] = {}
-    for record in records:
-        control = dict(record.headers)["ce_hl7controlid"].decode()
-        by_patient.setdefault(record.key or b"", []).append(control)
+    by_patient = await raw_by_patient(own_broker.bootstrap, topic_prefix, 120)
     assert sorted(c for seq in by_patient.values() for c in seq) == sorted(codes)
     for sequence in by_patient.values():  # in order per patient
         assert sequence == sorted(sequence)

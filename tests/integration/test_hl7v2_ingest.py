@@ -288,6 +288,9 @@ async def test_http_health_ready_and_metrics(start_instance: InstanceFactory, br
     assert (
         'hl7bridge_messages_total{ack_code="AA",channel="mllp",message_type="ADT^A01"} 1.0' in text
     )
+    assert 'hl7bridge_dedupe_entries{ingest="hl7v2"} 1.0' in text
+    assert 'hl7bridge_dedupe_entries{ingest="fhir"} 0.0' in text
+    assert "hl7bridge_spool_messages 0.0" in text  # ack_mode kafka: no spool
     assert "MRN123" not in text and "DOE" not in text
 
 

@@ -64,6 +64,27 @@ async def test_the_forwarder_sends_in_order_and_retries_while_kafka_is_away(
     await spooling.stop(drain_timeout_s=1)
 
 
+async def test_the_forwarder_waits_for_missing_topics_before_sending_again(
+    tmp_path: Path,
+) -> None:
+    kafka = FakePublisher()
+    kafka.fail_next = 1  # the broker went away ...
+    kafka.missing = {"t.raw"}  # ... and came back without the topic
+    spooling = SpoolingPublisher(Spool(tmp_path / "s.db", max_bytes=1024 * 1024), kafka)
+    spooling.start()
+    for n in range(5):
+        await spooling.publish(records(n))
+    await asyncio.sleep(1.5)
+    assert kafka.calls == 1 and kafka.records == []  # not sent to a broker without the topic
+    kafka.missing = set()  # topic provisioned again
+    for _ in range(100):
+        if len(kafka.records) == 10:
+            break
+        await asyncio.sleep(0.05)
+    assert [r.value for r in kafka.on("t.raw")] == [f"raw-{n}".encode() for n in range(5)]
+    await spooling.stop(drain_timeout_s=1)
+
+
 async def test_a_spool_left_by_a_previous_run_is_forwarded_first(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.db", max_bytes=1024 * 1024)
     for n in range(3):
