@@ -7,9 +7,12 @@ each partition the first time), matches every event against the rules, and
 creates a case per match in a transaction that checks the leader's epoch: a
 deposed leader opens nothing. Case ids are deterministic and a finished case
 leaves a ``closed`` marker, so re-reading an event (after a leader change) or a
-resent duplicate never opens a case twice. Offsets are saved after each batch
-(fenced too). Reading Kafka, rather than opening cases on the ingest path, means
-no accepted message can miss its case: the event is in Kafka before its ACK.
+resent duplicate never opens a case twice. Offsets are saved (fenced too) at most
+every ``OFFSET_SAVE_S`` and when the opener stops, not after every batch: a new
+leader then re-reads at most that much, which opens nothing twice, and ZooKeeper
+is not written to at the message rate. Reading Kafka, rather than opening cases on
+the ingest path, means no accepted message can miss its case: the event is in Kafka
+before its ACK.
 
 **Escalation.** A case with no claim ``escalation_s`` after it opened (and again
 after each further ``escalation_s``) is published as ``escalated`` (the
@@ -44,6 +47,9 @@ from bridge.kafka import OutRecord
 log = logging.getLogger(__name__)
 
 Publish = Callable[[Sequence[OutRecord]], Any]
+
+#: How often the case opener saves its read positions in ZooKeeper, at most.
+OFFSET_SAVE_S = 1.0
 
 #: How often the leader looks for closed-case markers past their retention (not on
 #: every escalation pass: that runs at every case change).
@@ -174,16 +180,23 @@ class DiagnosisDuties:
                     consumer.seek(tp, stored)
             topics_seen = set(self._topics())
             self.reading = True
-            while self._leading() and set(self._topics()) == topics_seen:
-                batches = await consumer.getmany(*partitions, timeout_ms=200, max_records=500)
-                if not batches:
-                    continue
-                rules = self._rules()
-                log.debug("case opener: %d records", sum(len(r) for r in batches.values()))
-                for tp, records in batches.items():
-                    for record in records:
-                        await self._open_for(record, rules)
-                    await self._save_offset(tp, records[-1].offset + 1)
+            read: dict[TopicPartition, int] = {}  # read through, not saved yet
+            saved_at = time.monotonic()
+            try:
+                while self._leading() and set(self._topics()) == topics_seen:
+                    batches = await consumer.getmany(*partitions, timeout_ms=200, max_records=500)
+                    rules = self._rules()
+                    for tp, records in batches.items():
+                        for record in records:
+                            await self._open_for(record, rules)
+                        read[tp] = records[-1].offset + 1
+                    if read and time.monotonic() - saved_at >= OFFSET_SAVE_S:
+                        await self._save_offsets(read)
+                        saved_at = time.monotonic()
+            finally:
+                if read and self._election.fence_version is not None:
+                    with contextlib.suppress(CoordinationError):
+                        await self._save_offsets(read)
         finally:
             self.reading = False
             await consumer.stop()
@@ -262,6 +275,13 @@ class DiagnosisDuties:
         except NoNodeError:
             return None
         return int(orjson.loads(data)["offset"])
+
+    async def _save_offsets(self, read: dict[TopicPartition, int]) -> None:
+        """Save and forget the positions read through (fenced: a deposed leader saves
+        nothing)."""
+        for tp, offset in list(read.items()):
+            await self._save_offset(tp, offset)
+            del read[tp]
 
     async def _save_offset(self, tp: TopicPartition, offset: int) -> None:
         session = self._session

@@ -24,6 +24,7 @@ from adapters.mllp.client import MLLPClient
 from bridge.cluster.cluster_config import ClusterConfig, DiagnosisRule, RuleMatch
 from bridge.cluster.config_store import ConfigStore
 from bridge.cluster.status import read_status
+from bridge.diagnosis import cases as c
 from bridge.diagnosis.handlers import CallbackHandler, CaseInfo
 from bridge.diagnosis.subscriber import Subscriber, SubscriberSettings
 from bridge.sender import summarize_ack
@@ -200,6 +201,39 @@ async def test_a_resent_message_opens_its_case_once(
     await asyncio.sleep(1.0)
     records = await diagnosis_events(broker, topic_prefix, 1, timeout_s=5)
     assert kinds(records) == Counter({"opened": 1})
+
+
+async def test_the_opener_saves_its_read_positions_and_the_next_leader_resumes_there(
+    start_instance: InstanceFactory, broker: Any, topic_prefix: str
+) -> None:
+    first = await leader_of(start_instance, broker)
+    second = await start_instance(broker.bootstrap, instance_id="it-2")
+    normal = [troponin(f"N-{n}", flag="N", patient=f"P{n}") for n in range(20)]
+    assert await send(first, [*normal, troponin("CRIT-1"), troponin("CRIT-2")]) == ["AA"] * 22
+    await eventually(lambda: _opened(broker, topic_prefix, 2), 15)
+    await first.stop()  # a graceful handover saves where the opener got to
+    await eventually(lambda: _is(second.diagnosis.reading), 15)
+    session = second.zookeeper
+    topic = f"{topic_prefix}.events"
+    saved = 0
+    for partition in await session.call(
+        session.client.get_children, c.path(session, c.OFFSETS, topic)
+    ):
+        data, _ = await session.call(
+            session.client.get, c.path(session, c.OFFSETS, topic, partition)
+        )
+        saved += orjson.loads(data)["offset"]
+    assert saved == 22  # every event read, none left to read again (one record each)
+    assert await send(second, [troponin("CRIT-3")]) == ["AA"]
+    await eventually(lambda: _opened(broker, topic_prefix, 3), 15)
+    await asyncio.sleep(1.0)
+    records = await diagnosis_events(broker, topic_prefix, 3, timeout_s=5)
+    assert kinds(records) == Counter({"opened": 3})
+
+
+async def _opened(broker: Any, prefix: str, count: int) -> bool:
+    records = await diagnosis_events(broker, prefix, 0, timeout_s=2)
+    return kinds(records)["opened"] >= count
 
 
 async def test_with_no_subscriber_the_case_escalates_on_time(
