@@ -51,24 +51,16 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
-import json
 import os
-import platform
-import shlex
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
 import orjson
-import uvloop
 
 from adapters.mllp.client import MLLPClient
 from bridge.diagnosis import cases as dc
@@ -80,17 +72,17 @@ from tests.benchmarks.fhir_bench import host_cpu_s
 from tests.benchmarks.mllp_bench import (
     TOPIC_PREFIX,
     Child,
-    _raise_interrupt,
-    _version,
     ack_fields,
-    cpu_model,
     describe_ack,
-    end_run,
-    git_revision,
+    emit,
+    log,
     percentiles,
     process_cpu_s,
+    run_bench,
+    run_cancellable,
+    run_meta,
     stack_pids,
-    start_dev,
+    start_dev_only,
 )
 from tests.kafka_helpers import read_topic
 
@@ -761,25 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases < 1 or args.interval_ms < 0 or args.closed_markers < 0:
         print("cases must be positive and interval-ms not negative", file=sys.stderr)
         return 2
-    report_out = sys.stderr if args.json else sys.stdout
 
-    def log(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="hl7bridge-diagnosis-bench-"))
-    bridge: Child | None = None
-    failed = True
-    started = time.monotonic()
-    git = git_revision()
-    try:
-        try:
-            bridge = start_dev(workdir, TOPIC_PREFIX)
-        except RuntimeError as exc:
-            log(f"error: {exc}\n(logs in {workdir})")
-            args.keep_logs = True
-            return 2
-        log(f"started in {time.monotonic() - started:.1f} s; logs in {workdir}")
+    def body(children: list[Child], started: float) -> int:
+        (bridge,) = children
         stack = stack_pids(bridge)
         processes = {
             "hl7bridge": bridge.proc.pid,
@@ -788,37 +764,19 @@ def main(argv: list[str] | None = None) -> int:
         }
         log("  pids: " + ", ".join(f"{name} {pid}" for name, pid in processes.items()))
         bench = Bench(args, bridge, processes, log)
-
-        async def run() -> RunResult:
-            loop, task = asyncio.get_running_loop(), asyncio.current_task()
-            assert task is not None
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, task.cancel)
-            return await bench.run()
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            try:
-                result = runner.run(run())
-            finally:
-                signal.signal(signal.SIGTERM, _raise_interrupt)
-
+        try:
+            result = run_cancellable(bench.run)
+        except RuntimeError as exc:
+            log(f"error: {exc}")
+            return 1
         summary = summarize(result)
         p99 = summary["wake_ms"].get("p99")
         report: dict[str, Any] = {
-            "meta": {
-                "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "nproc": len(os.sched_getaffinity(0)),
-                "cpu_model": cpu_model(),
-                "python": platform.python_version(),
-                "command": shlex.join(sys.orig_argv),
-                "git": git,
-                "versions": {
-                    d: _version(d) for d in ("hl7bridge", "aiokafka", "kazoo", "uvloop", "aiohttp")
-                },
-                "kernel": platform.release(),
-                "run_s": round(time.monotonic() - started, 1),
-                "pids": processes,
-            },
+            "meta": run_meta(
+                started,
+                ("hl7bridge", "aiokafka", "kazoo", "uvloop", "aiohttp"),
+                pids=processes,
+            ),
             "config": {
                 "cases": args.cases,
                 "interval_ms": args.interval_ms,
@@ -841,19 +799,12 @@ def main(argv: list[str] | None = None) -> int:
             },
             "result": dataclasses.asdict(result),
         }
-        print(render(report), file=report_out, flush=True)
-        if args.json:
-            print(json.dumps(report, indent=2), flush=True)
-        failed = bool(result.errors)
-        return 1 if failed else 0
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log("interrupted")
-        return 130
-    except RuntimeError as exc:
-        log(f"error: {exc}")
-        return 1
-    finally:
-        end_run([bridge], workdir, keep=args.keep_logs or failed, log=log)
+        emit(render(report), report, as_json=args.json)
+        return 1 if result.errors else 0
+
+    return run_bench(
+        "hl7bridge-diagnosis-bench-", keep_logs=args.keep_logs, start=start_dev_only, body=body
+    )
 
 
 if __name__ == "__main__":

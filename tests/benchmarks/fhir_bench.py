@@ -43,15 +43,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
-import json
 import math
 import os
-import platform
-import shlex
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -61,7 +55,6 @@ from typing import Any, Final
 
 import aiohttp
 import orjson
-import uvloop
 
 from bridge.kafka import Topics
 from tests.benchmarks.mllp_bench import (
@@ -73,17 +66,17 @@ from tests.benchmarks.mllp_bench import (
     Mode,
     PhaseResult,
     _ms,
-    _raise_interrupt,
-    _version,
-    cpu_model,
-    end_run,
-    git_revision,
+    emit,
     kafka_check,
     kafka_end_offsets,
+    log,
     percentiles,
     process_cpu_s,
+    run_bench,
+    run_cancellable,
+    run_meta,
     stack_pids,
-    start_dev,
+    start_dev_only,
 )
 
 DEFAULT_RESOURCE: Final = (
@@ -647,7 +640,6 @@ def render(report: dict[str, Any], results: list[FhirPhaseResult]) -> str:
 
 def build_report(
     args: argparse.Namespace,
-    git: str | None,
     factory: ObservationFactory,
     results: list[FhirPhaseResult],
     kafka: dict[str, Any],
@@ -656,21 +648,11 @@ def build_report(
 ) -> dict[str, Any]:
     """Everything measured, with what is needed to compare it with another run."""
     return {
-        "meta": {
-            "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "nproc": len(os.sched_getaffinity(0)),
-            "cpu_model": cpu_model(),
-            "python": platform.python_version(),
-            "command": shlex.join(sys.orig_argv),
-            "git": git,
-            "versions": {
-                d: _version(d)
-                for d in ("hl7bridge", "aiohttp", "uvloop", "aiokafka", "fhir.resources", "orjson")
-            },
-            "kernel": platform.release(),
-            "run_s": round(time.monotonic() - started, 1),
-            "pids": processes,
-        },
+        "meta": run_meta(
+            started,
+            ("hl7bridge", "aiohttp", "uvloop", "aiokafka", "fhir.resources", "orjson"),
+            pids=processes,
+        ),
         "config": {
             "clients": args.clients,
             "duration_s": args.duration_s,
@@ -712,26 +694,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.duration_s <= 0 or args.warmup_s < 0 or args.rate <= 0:
         print("clients, duration-s and rate must be positive", file=sys.stderr)
         return 2
-    report_out = sys.stderr if args.json else sys.stdout
-
-    def log(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
     factory = ObservationFactory.from_file(args.resource)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="hl7bridge-fhir-bench-"))
-    bridge: Child | None = None
-    failed = True
-    started = time.monotonic()
-    git = git_revision()  # of the code the bridge is started with
-    try:
-        try:
-            bridge = start_dev(workdir, TOPIC_PREFIX)
-        except RuntimeError as exc:
-            log(f"error: {exc}\n(logs in {workdir})")
-            args.keep_logs = True
-            return 2
-        log(f"started in {time.monotonic() - started:.1f} s; logs in {workdir}")
+
+    def body(children: list[Child], started: float) -> int:
+        (bridge,) = children
         stack = stack_pids(bridge)
         processes = {"hl7bridge": bridge.proc.pid, **stack, "load generator": os.getpid()}
         log("  pids: " + ", ".join(f"{name} {pid}" for name, pid in processes.items()))
@@ -741,11 +707,6 @@ def main(argv: list[str] | None = None) -> int:
         kafka: dict[str, Any] = {}
 
         async def run_all() -> None:
-            loop, task = asyncio.get_running_loop(), asyncio.current_task()
-            assert task is not None
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, task.cancel)
-            assert bridge is not None
             bootstrap = bridge.ready_field("kafka")
             before, _ = await kafka_end_offsets(bootstrap, topics.all())
             results.extend(await bench_bridge(url, factory, args, processes, log))
@@ -755,23 +716,15 @@ def main(argv: list[str] | None = None) -> int:
             kafka.update(fhir_kafka_check(before, after, answers_202, new_events, topics))
             kafka["end_offsets_understated_by_broker"] = understated
 
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            try:
-                runner.run(run_all())
-            finally:
-                signal.signal(signal.SIGTERM, _raise_interrupt)
-
-        report = build_report(args, git, factory, results, kafka, processes, started)
-        print(render(report, results), file=report_out, flush=True)
-        if args.json:
-            print(json.dumps(report, indent=2), flush=True)
+        run_cancellable(run_all)
+        report = build_report(args, factory, results, kafka, processes, started)
+        emit(render(report, results), report, as_json=args.json)
         failed = any(r.error_count for r in results) or kafka["verdict"] != "ok"
         return 1 if failed else 0
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log("interrupted")
-        return 130
-    finally:
-        end_run([bridge], workdir, keep=args.keep_logs or failed, log=log)
+
+    return run_bench(
+        "hl7bridge-fhir-bench-", keep_logs=args.keep_logs, start=start_dev_only, body=body
+    )
 
 
 if __name__ == "__main__":

