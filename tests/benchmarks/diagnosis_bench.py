@@ -78,6 +78,7 @@ from tests.benchmarks.mllp_bench import (
     log,
     percentiles,
     process_cpu_s,
+    report_head,
     run_bench,
     run_cancellable,
     run_meta,
@@ -624,8 +625,7 @@ def render(report: dict[str, Any]) -> str:
     )
     source = "ACK (AA)" if not cfg["fhir"] else "202 answer"
     lines = [
-        f"hl7bridge remote-diagnosis wake benchmark  {meta['date_utc']}  git {meta['git'] or '?'}",
-        f"machine: nproc={meta['nproc']} ({meta['cpu_model']}), Python {meta['python']}",
+        *report_head("remote-diagnosis wake benchmark", meta),
         f"command: {meta['command']}",
         f"cases: {cfg['cases']} {cfg['what']}, {cfg['interval_ms']:g} ms apart, one "
         f"{'MLLP connection' if not cfg['fhir'] else 'HTTP client'}; subscriber in this "

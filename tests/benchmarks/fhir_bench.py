@@ -66,17 +66,22 @@ from tests.benchmarks.mllp_bench import (
     Mode,
     PhaseResult,
     _ms,
+    cpu_rows,
     emit,
+    errors_text,
     kafka_check,
     kafka_end_offsets,
     log,
+    open_loop_rows,
     percentiles,
     process_cpu_s,
+    report_head,
     run_bench,
     run_cancellable,
     run_meta,
     stack_pids,
     start_dev_only,
+    topic_rows,
 )
 
 DEFAULT_RESOURCE: Final = (
@@ -494,13 +499,6 @@ def fhir_kafka_check(
 # --- report -------------------------------------------------------------------------------------
 
 
-def _errors_text(result: PhaseResult) -> str:
-    parts = [f"{n} {kind}" for kind, n in sorted(result.errors.items())]
-    if result.backlog:
-        parts.append(f"{result.backlog} scheduled but not answered")
-    return ", ".join(parts) if parts else "0"
-
-
 def targets(results: Sequence[FhirPhaseResult], rate: float) -> dict[str, Any]:
     closed = next(r for r in results if r.mode == "closed")
     opened = next(r for r in results if r.mode == "open")
@@ -522,8 +520,7 @@ def targets(results: Sequence[FhirPhaseResult], rate: float) -> dict[str, Any]:
 def render(report: dict[str, Any], results: list[FhirPhaseResult]) -> str:
     meta, cfg = report["meta"], report["config"]
     lines = [
-        f"hl7bridge FHIR REST benchmark  {meta['date_utc']}  git {meta['git'] or '?'}",
-        f"machine: nproc={meta['nproc']} ({meta['cpu_model']}), Python {meta['python']}",
+        *report_head("FHIR REST benchmark", meta),
         f"request: POST /fhir/Observation, {cfg['resource']} ({cfg['body_bytes']} bytes, "
         f"unique identifier, {cfg['patients']} subjects); {cfg['clients']} clients "
         f"(aiohttp); {cfg['duration_s']:g} s measured after {cfg['warmup_s']:g} s warm-up",
@@ -540,7 +537,7 @@ def render(report: dict[str, Any], results: list[FhirPhaseResult]) -> str:
         lat = r.latency_ms
         lines.append(
             f"  {r.target:<10}{r.msgs_per_s:>11.1f}{_ms(lat, 'p50'):>9}{_ms(lat, 'p90'):>9}"
-            f"{_ms(lat, 'p99'):>9}{_ms(lat, 'max'):>9}  {_errors_text(r)}"
+            f"{_ms(lat, 'p99'):>9}{_ms(lat, 'max'):>9}  {errors_text(r)}"
         )
         if r.per_second:
             seconds = sorted(r.per_second)
@@ -557,14 +554,7 @@ def render(report: dict[str, Any], results: list[FhirPhaseResult]) -> str:
         f"  {'target':<10}{'achieved/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
         f"{'svc p50':>9}{'svc p99':>9}{'lag p99':>9}  errors",
     ]
-    for r in opened:
-        lat, svc, lag = r.latency_ms, r.service_latency_ms, r.send_lag_ms
-        lines.append(
-            f"  {r.target:<10}{r.msgs_per_s:>11.1f}{_ms(lat, 'p50'):>9}{_ms(lat, 'p99'):>9}"
-            f"{_ms(lat, 'max'):>9}{_ms(svc, 'p50'):>9}{_ms(svc, 'p99'):>9}{_ms(lag, 'p99'):>9}"
-            f"  {_errors_text(r)}"
-            + ("  SATURATED: achieved < offered" if r.msgs_per_s < 0.95 * cfg["rate"] else "")
-        )
+    lines += open_loop_rows(opened, cfg["rate"], 10)
     for r in results:
         phase = "phase 1" if r.mode == "closed" else "phase 2"
         available = r.window_s * meta["nproc"]
@@ -575,12 +565,7 @@ def render(report: dict[str, Any], results: list[FhirPhaseResult]) -> str:
             f"{meta['nproc']} cores = {available:.1f} cpu-s available, {total:.1f} used, "
             f"{total / available:.0%})",
         ]
-        ok = max(r.ok_in_window, 1)
-        for name, secs in sorted(r.cpu_s.items(), key=lambda kv: -kv[1]):
-            lines.append(
-                f"    {name:<16}{secs:>7.2f} cpu-s {secs / r.window_s:>6.0%} of a core "
-                f"{secs / ok * 1e6:>8.0f} us/request"
-            )
+        lines += cpu_rows(r, "request")
         if r.host_cpu_s:
             host = r.host_cpu_s
             lines.append(
@@ -589,14 +574,7 @@ def render(report: dict[str, Any], results: list[FhirPhaseResult]) -> str:
             )
     kafka = report.get("kafka") or {}
     if kafka:
-        lines += ["", "kafka: records written during the run"]
-        for topic, info in kafka["topics"].items():
-            if info["records"]:
-                parts = info["per_partition"]
-                lines.append(
-                    f"  {topic:<22}{info['records']:>8} records over {len(parts)} partitions "
-                    f"(min {min(parts)}, max {max(parts)})"
-                )
+        lines += ["", "kafka: records written during the run", *topic_rows(kafka)]
         statuses = Counter[str]()
         for r in results:
             statuses.update(r.statuses)
@@ -615,7 +593,7 @@ def render(report: dict[str, Any], results: list[FhirPhaseResult]) -> str:
     if failed:
         lines += ["", "!" * 78, "!!! ERRORS: the numbers above are NOT a valid result"]
         for r in failed:
-            lines.append(f"!!! {r.mode} loop: {_errors_text(r)}")
+            lines.append(f"!!! {r.mode} loop: {errors_text(r)}")
             lines += [f"!!!   {s}" for s in r.error_samples]
         lines.append("!" * 78)
     else:

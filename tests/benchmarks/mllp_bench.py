@@ -954,18 +954,60 @@ def _ms(stats: dict[str, float] | None, key: str) -> str:
     return f"{stats[key]:.1f}" if stats[key] < 1000 else f"{stats[key]:.0f}"
 
 
-def _errors_text(result: PhaseResult) -> str:
+def errors_text(result: PhaseResult) -> str:
+    """What went wrong in a phase, counted by kind ("0" when nothing did)."""
     parts = [f"{n} {kind}" for kind, n in sorted(result.errors.items())]
     if result.backlog:
         parts.append(f"{result.backlog} scheduled but not answered")
     return ", ".join(parts) if parts else "0"
 
 
+def report_head(title: str, meta: dict[str, Any]) -> list[str]:
+    """The first two lines of a report: what, when, which code, on what machine."""
+    return [
+        f"hl7bridge {title}  {meta['date_utc']}  git {meta['git'] or '?'}",
+        f"machine: nproc={meta['nproc']} ({meta['cpu_model']}), Python {meta['python']}",
+    ]
+
+
+def open_loop_rows(results: Sequence[PhaseResult], rate: float, width: int) -> list[str]:
+    """Phase 2's table body: one row per open-loop result, target names ``width`` wide."""
+    rows = []
+    for r in results:
+        lat, svc, lag = r.latency_ms, r.service_latency_ms, r.send_lag_ms
+        rows.append(
+            f"  {r.target:<{width}}{r.msgs_per_s:>11.1f}{_ms(lat, 'p50'):>9}{_ms(lat, 'p99'):>9}"
+            f"{_ms(lat, 'max'):>9}{_ms(svc, 'p50'):>9}{_ms(svc, 'p99'):>9}{_ms(lag, 'p99'):>9}"
+            f"  {errors_text(r)}"
+            + ("  SATURATED: achieved < offered" if r.msgs_per_s < 0.95 * rate else "")
+        )
+    return rows
+
+
+def cpu_rows(result: PhaseResult, unit: str) -> list[str]:
+    """CPU seconds per process in a phase's window, busiest first, and per ``unit``."""
+    ok = max(result.ok_in_window, 1)
+    return [
+        f"    {name:<16}{secs:>7.2f} cpu-s {secs / result.window_s:>6.0%} of a core "
+        f"{secs / ok * 1e6:>8.0f} us/{unit}"
+        for name, secs in sorted(result.cpu_s.items(), key=lambda kv: -kv[1])
+    ]
+
+
+def topic_rows(kafka: dict[str, Any]) -> list[str]:
+    """Records written per topic during the run, and how they spread over partitions."""
+    return [
+        f"  {topic:<22}{info['records']:>8} records over {len(info['per_partition'])} "
+        f"partitions (min {min(info['per_partition'])}, max {max(info['per_partition'])})"
+        for topic, info in kafka["topics"].items()
+        if info["records"]
+    ]
+
+
 def render(report: dict[str, Any], results: list[PhaseResult]) -> str:
     meta, cfg = report["meta"], report["config"]
     lines = [
-        f"hl7bridge MLLP benchmark  {meta['date_utc']}  git {meta['git'] or '?'}",
-        f"machine: nproc={meta['nproc']} ({meta['cpu_model']}), Python {meta['python']}",
+        *report_head("MLLP benchmark", meta),
         f"message: {cfg['message']} ({cfg['message_bytes']} bytes, {cfg['message_type']}); "
         f"{cfg['connections']} connections; {cfg['duration_s']:g} s measured after "
         f"{cfg['warmup_s']:g} s warm-up",
@@ -982,7 +1024,7 @@ def render(report: dict[str, Any], results: list[PhaseResult]) -> str:
         lat = r.latency_ms
         lines.append(
             f"  {r.target:<16}{r.msgs_per_s:>9.1f}{_ms(lat, 'p50'):>9}{_ms(lat, 'p90'):>9}"
-            f"{_ms(lat, 'p99'):>9}{_ms(lat, 'max'):>9}  {_errors_text(r)}"
+            f"{_ms(lat, 'p99'):>9}{_ms(lat, 'max'):>9}  {errors_text(r)}"
         )
     for name, ratio in report["ratios"].items():
         lines.append(f"  {name} = {ratio:.3f}")
@@ -993,14 +1035,7 @@ def render(report: dict[str, Any], results: list[PhaseResult]) -> str:
         f"  {'target':<16}{'achieved/s':>11}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
         f"{'svc p50':>9}{'svc p99':>9}{'lag p99':>9}  errors",
     ]
-    for r in opened:
-        lat, svc, lag = r.latency_ms, r.service_latency_ms, r.send_lag_ms
-        lines.append(
-            f"  {r.target:<16}{r.msgs_per_s:>11.1f}{_ms(lat, 'p50'):>9}{_ms(lat, 'p99'):>9}"
-            f"{_ms(lat, 'max'):>9}{_ms(svc, 'p50'):>9}{_ms(svc, 'p99'):>9}{_ms(lag, 'p99'):>9}"
-            f"  {_errors_text(r)}"
-            + ("  SATURATED: achieved < offered" if r.msgs_per_s < 0.95 * cfg["rate"] else "")
-        )
+    lines += open_loop_rows(opened, cfg["rate"], 16)
     lines += ["", "cpu seconds per process during phase 1 (measured window)"]
     for r in closed:
         available = r.window_s * meta["nproc"]
@@ -1009,22 +1044,10 @@ def render(report: dict[str, Any], results: list[PhaseResult]) -> str:
             f"  {r.target}: {r.window_s:.1f} s window, {meta['nproc']} cores = "
             f"{available:.1f} cpu-s available, {total:.1f} used ({total / available:.0%})"
         )
-        ok = max(r.ok_in_window, 1)
-        for name, secs in sorted(r.cpu_s.items(), key=lambda kv: -kv[1]):
-            lines.append(
-                f"    {name:<16}{secs:>7.2f} cpu-s {secs / r.window_s:>6.0%} of a core "
-                f"{secs / ok * 1e6:>8.0f} us/msg"
-            )
+        lines += cpu_rows(r, "msg")
     kafka = report.get("kafka") or {}
     if kafka:
-        lines += ["", "kafka: records written while the bridge was measured"]
-        for topic, info in kafka["topics"].items():
-            if info["records"]:
-                parts = info["per_partition"]
-                lines.append(
-                    f"  {topic:<22}{info['records']:>8} records over {len(parts)} partitions "
-                    f"(min {min(parts)}, max {max(parts)})"
-                )
+        lines += ["", "kafka: records written while the bridge was measured", *topic_rows(kafka)]
         lines.append(
             f"  AA answers from the bridge: {kafka['aa_total']}; check: {kafka['verdict']}"
         )
@@ -1039,7 +1062,7 @@ def render(report: dict[str, Any], results: list[PhaseResult]) -> str:
     if failed:
         lines += ["", "!" * 78, "!!! ERRORS: the numbers above are NOT a valid result"]
         for r in failed:
-            lines.append(f"!!! {r.target} {r.mode} loop: {_errors_text(r)}")
+            lines.append(f"!!! {r.target} {r.mode} loop: {errors_text(r)}")
             lines += [f"!!!   {s}" for s in r.error_samples]
         lines.append("!" * 78)
     else:

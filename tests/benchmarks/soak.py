@@ -73,6 +73,7 @@ from tests.benchmarks.mllp_bench import (
     open_connections,
     percentiles,
     process_cpu_s,
+    report_head,
     run_bench,
     run_cancellable,
     run_meta,
@@ -423,8 +424,7 @@ def latency_text(name: str, answers: Answers) -> str:
 def render(report: dict[str, Any]) -> str:
     meta, cfg, res = report["meta"], report["config"], report["results"]
     lines = [
-        f"hl7bridge soak  {meta['date_utc']}  git {meta['git'] or '?'}",
-        f"machine: nproc={meta['nproc']} ({meta['cpu_model']}), Python {meta['python']}",
+        *report_head("soak", meta),
         f"command: {meta['command']}",
         "bridge settings from the environment: "
         + (" ".join(f"{k}={v}" for k, v in sorted(meta["bridge_env"].items())) or "none"),
