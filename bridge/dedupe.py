@@ -17,8 +17,8 @@ Two deliberate choices:
 
 The window is per instance (in memory, bounded by ``max_entries``, oldest
 evicted first; about 200 bytes per remembered message, so the default 200,000
-entries hold ~40 MB per ingest). Across instances the deterministic ``ce_id`` lets consumers drop
-what a load balancer sent to two instances.
+entries hold ~40 MB per ingest). Across instances the deterministic ``ce_id``
+lets consumers drop what a load balancer sent to two instances.
 """
 
 from __future__ import annotations
