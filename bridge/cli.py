@@ -508,6 +508,107 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return _run(run())
 
 
+# --- tail ------------------------------------------------------------------------------------
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from bridge.kafka import Topics
+    from bridge.tail import TOPIC_NAMES, Trace, json_line, start_of, tail, text_line, topic_name
+
+    settings = build_settings(file=args.config, cli=_cli_settings(args))
+    if not args.timeout_s > 0:
+        raise ConfigError("--timeout-s must be greater than 0", key="timeout_s")
+    topics = Topics(settings.topic_prefix)
+    if args.all and args.topics:
+        raise ConfigError("name topics or give --all, not both", key="topic")
+    names = TOPIC_NAMES if args.all else (args.topics or ["events"])
+    chosen = list(dict.fromkeys(topic_name(topics, n) for n in names))
+    trace = Trace.build(
+        since=args.since,
+        until=args.until,
+        sender=args.sender,
+        control_id=args.control_id,
+        event_id=args.event_id,
+    )
+    follow = not args.no_follow and args.until is None
+    start = start_of(
+        from_beginning=args.from_beginning, since=args.since, last=args.last, follow=follow
+    )
+    _setup_logging(settings.log_level)
+    if settings.log_level != "DEBUG":
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+    def show(record: Any) -> None:
+        if args.json:
+            print(json_line(record, data=args.data), flush=True)
+        else:
+            print(text_line(record, settings.topic_prefix, data=args.data), flush=True)
+
+    async def run() -> int:
+        stop = _stop_event()
+        shown = await tail(
+            settings.kafka, chosen, trace, show,
+            start=start, follow=follow, stop=stop, timeout_s=args.timeout_s,
+        )  # fmt: skip
+        if follow or shown:
+            return EXIT_OK
+        print(f"hl7bridge tail: no record matched in {', '.join(chosen)}", file=sys.stderr)
+        return EXIT_FAILED
+
+    return _run(run())
+
+
+def _add_tail_parser(sub: Any) -> None:
+    tail = sub.add_parser(
+        "tail",
+        help="follow the bridge's topics, or trace one message through them",
+        description=(
+            "Print the records of the named topics (short names: raw.hl7v2, raw.fhir, "
+            "events, dlq, diagnosis, or a routed topic's suffix; default events; --all for "
+            "the five) one line each: time, topic, PARTITION@OFFSET, event type and the ids, "
+            "codes, sender and DLQ reason from the headers, never the content. Reads from "
+            "the end and follows new records (Ctrl-C stops); --no-follow reads up to the "
+            "current end, from the beginning unless --since/--last says otherwise. To trace "
+            "a message: --all --no-follow --control-id ID (its raw record, event, DLQ "
+            "record, and the remote-diagnosis case records of its event). Exit 0; with "
+            "--no-follow 1 if no record matched; 2 bad usage; 3 Kafka unreachable."
+        ),
+    )
+    tail.add_argument("topics", nargs="*", metavar="TOPIC", help="short topic names")
+    tail.add_argument("--all", action="store_true", help="the five topics, in pipeline order")
+    where = tail.add_mutually_exclusive_group()
+    where.add_argument(
+        "--from-beginning", action="store_true", help="start at the beginning of each partition"
+    )
+    where.add_argument("--since", metavar="T", help="start at records written at or after T")
+    where.add_argument("--last", type=int, metavar="N", help="start N records before the end")
+    tail.add_argument(
+        "--until", metavar="T", help="only records written at or before T (implies --no-follow)"
+    )
+    tail.add_argument("--no-follow", action="store_true", help="stop at the current end")
+    select = tail.add_argument_group("selection (every criterion given must hold)")
+    select.add_argument("--control-id", metavar="ID", help="MSH-10")
+    select.add_argument(
+        "--sender", metavar="APP|FAC", help="MSH-3|MSH-4 exactly, or APP for any facility"
+    )
+    select.add_argument(
+        "--event-id",
+        metavar="ID",
+        help="ce_id (the X-Event-Id of a FHIR answer), or a case's event",
+    )
+    tail.add_argument("--json", action="store_true", help="one JSON object per record")
+    tail.add_argument(
+        "--data",
+        action="store_true",
+        help="also print each record's key and value: PATIENT DATA, for your terminal only",
+    )
+    tail.add_argument(
+        "--timeout-s", type=float, default=30.0, help="to reach Kafka and per reading step (30)"
+    )
+    _add_setting_options(tail, REPLAY_SETTINGS)
+    tail.set_defaults(func=cmd_tail)
+
+
 def _add_replay_parser(sub: Any) -> None:
     replay = sub.add_parser(
         "replay",
@@ -762,6 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.set_defaults(func=cmd_subscribe)
 
     _add_replay_parser(sub)
+    _add_tail_parser(sub)
     return parser
 
 

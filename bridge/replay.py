@@ -144,7 +144,7 @@ def parse_time(text: str, *, key: str = "since") -> int:
     return (moment - _EPOCH) // timedelta(milliseconds=1)  # exact: no float rounding
 
 
-def _sender_matches(wanted: str, sender: str) -> bool:
+def sender_matches(wanted: str, sender: str) -> bool:
     """``APP|FAC`` must equal MSH-3|MSH-4 exactly; ``APP`` (no ``|``) matches MSH-3
     whatever the facility."""
     if "|" in wanted:
@@ -221,7 +221,7 @@ class Selection:
         if self.sender is None and self.control_id is None:
             return True
         info = describe_record(record)
-        if self.sender is not None and not _sender_matches(self.sender, info.sender):
+        if self.sender is not None and not sender_matches(self.sender, info.sender):
             return False
         return self.control_id is None or info.control_id == self.control_id
 
