@@ -508,6 +508,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return _run(run())
 
 
+def _add_message_selection(parser: argparse.ArgumentParser, group: Any | None = None) -> Any:
+    """``--sender`` and ``--control-id`` (in ``group``, or a new selection group)."""
+    select = group or parser.add_argument_group("selection (every criterion given must hold)")
+    select.add_argument(
+        "--sender", metavar="APP|FAC", help="MSH-3|MSH-4 exactly, or APP for any facility"
+    )
+    select.add_argument("--control-id", metavar="ID", help="MSH-10")
+    return select
+
+
 # --- tail ------------------------------------------------------------------------------------
 
 
@@ -586,11 +596,7 @@ def _add_tail_parser(sub: Any) -> None:
         "--until", metavar="T", help="only records written at or before T (implies --no-follow)"
     )
     tail.add_argument("--no-follow", action="store_true", help="stop at the current end")
-    select = tail.add_argument_group("selection (every criterion given must hold)")
-    select.add_argument("--control-id", metavar="ID", help="MSH-10")
-    select.add_argument(
-        "--sender", metavar="APP|FAC", help="MSH-3|MSH-4 exactly, or APP for any facility"
-    )
+    select = _add_message_selection(tail)
     select.add_argument(
         "--event-id",
         metavar="ID",
@@ -641,10 +647,7 @@ def _add_replay_parser(sub: Any) -> None:
         "--since", metavar="T", help="records written at or after T (RFC 3339, with offset)"
     )
     select.add_argument("--until", metavar="T", help="records written at or before T (RFC 3339)")
-    select.add_argument(
-        "--sender", metavar="APP|FAC", help="MSH-3|MSH-4 exactly, or APP for any facility"
-    )
-    select.add_argument("--control-id", metavar="ID", help="MSH-10")
+    _add_message_selection(replay, select)
     action = replay.add_mutually_exclusive_group(required=True)
     action.add_argument("--to", metavar="HOST:PORT", help="the MLLP listener to send to")
     action.add_argument(

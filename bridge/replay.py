@@ -272,6 +272,33 @@ async def select_records(
         yield record
 
 
+async def read_until(
+    consumer: Any,
+    stop: dict[Any, int],
+    on_record: Callable[[Any], None],
+    *,
+    deadline: asyncio.Timeout,
+    timeout_s: float,
+) -> None:
+    """Read each partition in ``stop`` from the consumer's position up to its stop
+    offset (excluded), in offset order, handing each record to ``on_record``. Every
+    batch read moves ``deadline`` to ``timeout_s`` from now: reading may take long
+    in all, but never stalls that long."""
+    loop = asyncio.get_running_loop()
+    pending = {tp for tp in stop if await consumer.position(tp) < stop[tp]}
+    while pending:
+        batches = await consumer.getmany(*pending, timeout_ms=_FETCH_WAIT_MS)
+        if batches:
+            deadline.reschedule(loop.time() + timeout_s)
+        for tp, batch in batches.items():
+            for record in batch:
+                if record.offset < stop[tp]:
+                    on_record(record)
+        for tp in list(pending):
+            if await consumer.position(tp) >= stop[tp]:
+                pending.discard(tp)
+
+
 async def _read_topic(
     bootstrap: str, topic: str, selection: Selection, *, timeout_s: float
 ) -> list[Any]:
@@ -287,7 +314,6 @@ async def _read_topic(
         request_timeout_ms=request_timeout_ms,
     )
     matched: list[Any] = []
-    loop = asyncio.get_running_loop()
     try:
         # Connecting must succeed within timeout_s; reading then has timeout_s per step
         # (a large topic may take longer in all, but never stalls that long).
@@ -317,18 +343,12 @@ async def _read_topic(
                     await consumer.seek_to_beginning(tp)
                 else:
                     consumer.seek(tp, selection.from_offset)
-            pending = {tp for tp in tps if await consumer.position(tp) < stop[tp]}
-            while pending:
-                batches = await consumer.getmany(*pending, timeout_ms=_FETCH_WAIT_MS)
-                if batches:
-                    deadline.reschedule(loop.time() + timeout_s)
-                for tp, batch in batches.items():
-                    for record in batch:
-                        if record.offset < stop[tp] and selection.matches(record):
-                            matched.append(record)
-                for tp in list(pending):
-                    if await consumer.position(tp) >= stop[tp]:
-                        pending.discard(tp)
+
+            def keep(record: Any) -> None:
+                if selection.matches(record):
+                    matched.append(record)
+
+            await read_until(consumer, stop, keep, deadline=deadline, timeout_s=timeout_s)
     except TimeoutError as exc:
         raise UnavailableError(
             f"Kafka at {bootstrap}: no answer reading {topic!r} within {timeout_s:g} s"

@@ -34,6 +34,7 @@ from bridge.replay import (
     Selection,
     describe_record,
     parse_time,
+    read_until,
     sender_matches,
 )
 
@@ -266,7 +267,6 @@ async def tail(
             shown += 1
             show(record)
 
-    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout_s) as deadline:
             await consumer.start()  # inside: a failed start is stopped too (no leak)
@@ -286,18 +286,8 @@ async def tail(
             ends: dict[Any, int] = await consumer.end_offsets(every)
             await _seek(consumer, every, ends, start)
             for tps in by_topic.values():  # in pipeline order, each up to its end
-                pending = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
-                while pending:
-                    batches = await consumer.getmany(*pending, timeout_ms=_FETCH_WAIT_MS)
-                    if batches:
-                        deadline.reschedule(loop.time() + timeout_s)
-                    for tp, batch in batches.items():
-                        for record in batch:
-                            if record.offset < ends[tp]:
-                                consider(record)
-                    for tp in list(pending):
-                        if await consumer.position(tp) >= ends[tp]:
-                            pending.discard(tp)
+                until = {tp: ends[tp] for tp in tps}
+                await read_until(consumer, until, consider, deadline=deadline, timeout_s=timeout_s)
                 # Records past the end seen at the start wait for the follow phase: seek
                 # back, so that none is lost or shown twice.
                 for tp in tps:
