@@ -35,6 +35,7 @@ from bridge.cluster.node import ClusterNode, routed_topics
 from bridge.cluster.progress import DirectoryProgress
 from bridge.config import Settings
 from bridge.coordination import Membership, ZooKeeperSession
+from bridge.dashboard import Dashboard, add_dashboard_routes, instance_source
 from bridge.dedupe import DuplicateFilter
 from bridge.diagnosis.leader import DiagnosisDuties
 from bridge.errors import BridgeError, LifecycleError
@@ -125,6 +126,7 @@ class BridgeInstance:
             ),
             self.pipeline,
         )
+        self.metrics.connections.set_function(lambda: self.mllp.connection_count)
         self._fhir_validator = ProcessValidator()
         self.fhir = FhirIngest(
             FhirIngestSettings(
@@ -177,6 +179,16 @@ class BridgeInstance:
         return dedupe
 
     # --- addresses --------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``new``, ``starting``, ``running``, ``stopping`` or ``stopped``."""
+        return self._state
+
+    @property
+    def http_port(self) -> int:
+        """The HTTP listener's port (0 until it listens)."""
+        return self._http_port
 
     @property
     def mllp_address(self) -> str:
@@ -289,6 +301,7 @@ class BridgeInstance:
                 observe=lambda seconds, _status: latency.observe(seconds),
             ),
         )
+        add_dashboard_routes(app, Dashboard(instance_source(self)))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self._runner = runner

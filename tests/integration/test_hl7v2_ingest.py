@@ -283,12 +283,15 @@ async def test_http_health_ready_and_metrics(start_instance: InstanceFactory, br
             body = await response.json()
             assert response.status == 200, body
             assert body["checks"] == {"kafka": True, "zookeeper": True, "mllp": True}
-        async with http.get(f"{instance.http_url}/metrics") as response:
-            text = await response.text()
+        async with MLLPClient("127.0.0.1", instance.mllp.port) as client:
+            await client.send(_adt(control="M2"), timeout_s=15)  # connected: counted
+            async with http.get(f"{instance.http_url}/metrics") as response:
+                text = await response.text()
+    assert "hl7bridge_mllp_connections 1.0" in text
     assert (
-        'hl7bridge_messages_total{ack_code="AA",channel="mllp",message_type="ADT^A01"} 1.0' in text
+        'hl7bridge_messages_total{ack_code="AA",channel="mllp",message_type="ADT^A01"} 2.0' in text
     )
-    assert 'hl7bridge_dedupe_entries{ingest="hl7v2"} 1.0' in text
+    assert 'hl7bridge_dedupe_entries{ingest="hl7v2"} 2.0' in text
     assert 'hl7bridge_dedupe_entries{ingest="fhir"} 0.0' in text
     assert "hl7bridge_spool_messages 0.0" in text  # ack_mode kafka: no spool
     assert "MRN123" not in text and "DOE" not in text

@@ -184,9 +184,7 @@ def test_a_json_line_carries_every_header_and_the_value_only_with_data() -> None
 
 def test_where_reading_starts() -> None:
     assert start_of(from_beginning=False, since=None, last=None, follow=True) == Start("end")
-    assert start_of(from_beginning=False, since=None, last=None, follow=False) == Start(
-        "beginning"
-    )
+    assert start_of(from_beginning=False, since=None, last=None, follow=False) == Start("beginning")
     assert start_of(from_beginning=True, since=None, last=None, follow=True) == Start("beginning")
     assert start_of(from_beginning=False, since=None, last=5, follow=True) == Start("last", last=5)
     assert start_of(
