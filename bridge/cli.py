@@ -403,9 +403,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _cluster_command(args, status, writes=False)
 
 
+#: How a command reaches Kafka: servers, TLS, SASL.
+KAFKA_SETTINGS = (
+    "kafka",
+    "kafka_security_protocol",
+    "kafka_ssl_ca_file",
+    "kafka_ssl_cert_file",
+    "kafka_ssl_key_file",
+    "kafka_ssl_check_hostname",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+)
 SUBSCRIBE_SETTINGS = (
     *CLUSTER_SETTINGS,
-    "kafka",
+    *KAFKA_SETTINGS,
     "topic_prefix",
     "kafka_idempotence",
     "kafka_publish_timeout_s",
@@ -431,7 +443,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     values: dict[str, Any] = {
         "zookeeper": settings.zookeeper_servers,
         "base_path": settings.zookeeper_base_path,
-        "kafka": settings.kafka,
+        "kafka": settings.kafka_client(),
         "topic_prefix": settings.topic_prefix,
         "rules": tuple(args.rule),
         "max_attempts": args.max_attempts,
@@ -463,7 +475,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 # --- replay ---------------------------------------------------------------------------------
 
 #: The settings that say where the records are: replay takes them like serve does.
-REPLAY_SETTINGS = ("kafka", "topic_prefix", "log_level")
+REPLAY_SETTINGS = (*KAFKA_SETTINGS, "topic_prefix", "log_level")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -497,7 +509,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     async def run() -> int:
-        records = select_records(settings.kafka, topic, timeout_s=args.timeout_s, **criteria)
+        kafka = settings.kafka_client()
+        records = select_records(kafka, topic, timeout_s=args.timeout_s, **criteria)
         report = await replay(records, target, dry_run=args.dry_run, on_item=show)
         if args.json:
             print(json.dumps({"summary": report.summary()}))
@@ -557,7 +570,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     async def run() -> int:
         stop = _stop_event()
         shown = await tail(
-            settings.kafka, chosen, trace, show,
+            settings.kafka_client(), chosen, trace, show,
             start=start, follow=follow, stop=stop, timeout_s=args.timeout_s,
         )  # fmt: skip
         if follow or shown:

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from bridge.errors import ConfigError
+from bridge.kafka import KafkaClientConfig
 from bridge.normalize.context import MappingOptions
 
 ENV_PREFIX = "HL7BRIDGE_"
@@ -92,6 +93,23 @@ class Settings(BaseModel):
     """Partitions of topics the bridge creates."""
     kafka_replication_factor: int = Field(default=1, ge=1, le=10)
     """Replication factor of topics the bridge creates (3 in production)."""
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How to reach Kafka: ``SSL`` (TLS), ``SASL_SSL`` (TLS and a user), ``SASL_PLAINTEXT``
+    or ``PLAINTEXT``. Messages carry patient data: use TLS outside one trusted host."""
+    kafka_ssl_ca_file: Path | None = None
+    """PEM CA bundle the brokers' certificates are checked against (default: the system's)."""
+    kafka_ssl_cert_file: Path | None = None
+    """PEM client certificate, for brokers that require mutual TLS (with its key file)."""
+    kafka_ssl_key_file: Path | None = None
+    """PEM key of ``kafka_ssl_cert_file``."""
+    kafka_ssl_check_hostname: bool = True
+    """Check that a broker's certificate names the host connected to."""
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    """SASL mechanism (``SASL_SSL``, ``SASL_PLAINTEXT``)."""
+    kafka_sasl_username: str | None = None
+    """SASL user name."""
+    kafka_sasl_password: SecretStr | None = None
+    """SASL password (better from the environment, ``HL7BRIDGE_KAFKA_SASL_PASSWORD``)."""
 
     # --- MLLP -----------------------------------------------------------------
     mllp_host: str = "0.0.0.0"
@@ -256,6 +274,54 @@ class Settings(BaseModel):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: no such file {path}")
         return self
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        protocol = self.kafka_security_protocol
+        tls_files = ("kafka_ssl_ca_file", "kafka_ssl_cert_file", "kafka_ssl_key_file")
+        if protocol not in ("SSL", "SASL_SSL"):
+            for name in tls_files:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is set but kafka_security_protocol is {protocol}")
+        if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
+            raise ValueError("kafka_ssl_cert_file and kafka_ssl_key_file must be set together")
+        for name in tls_files:
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file {path}")
+        sasl = protocol.startswith("SASL_")
+        if sasl and (self.kafka_sasl_username is None or self.kafka_sasl_password is None):
+            raise ValueError(
+                f"kafka_security_protocol {protocol} needs kafka_sasl_username and "
+                "kafka_sasl_password"
+            )
+        if not sasl and (self.kafka_sasl_username is not None or self.kafka_sasl_password):
+            raise ValueError(f"a SASL user is set but kafka_security_protocol is {protocol}")
+        return self
+
+    def kafka_client(self) -> KafkaClientConfig:
+        """How every Kafka client of the bridge connects (bootstrap servers, TLS, SASL)."""
+        context = None
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            try:
+                context = ssl.create_default_context(cafile=self.kafka_ssl_ca_file)
+                context.check_hostname = self.kafka_ssl_check_hostname
+                if self.kafka_ssl_cert_file is not None and self.kafka_ssl_key_file is not None:
+                    context.load_cert_chain(self.kafka_ssl_cert_file, self.kafka_ssl_key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"cannot load the Kafka TLS CA, certificate or key: {exc}",
+                    key="kafka_ssl_ca_file",
+                ) from exc
+        password = self.kafka_sasl_password
+        return KafkaClientConfig(
+            self.kafka,
+            security_protocol=self.kafka_security_protocol,
+            ssl_context=context,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=None if password is None else password.get_secret_value(),
+        )
 
     def mllp_ssl_context(self) -> ssl.SSLContext | None:
         """The listener's TLS context, or None for plain MLLP."""

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -24,6 +26,52 @@ from bridge.errors import LifecycleError, PublishError
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaClientConfig:
+    """Where Kafka is and how to connect to it: what every producer, consumer and admin
+    client of the bridge is built with. ``str()`` is the bootstrap string, for messages
+    (never the password)."""
+
+    bootstrap: str
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    ssl_context: ssl.SSLContext | None = None
+    sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return self.bootstrap
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka's clients."""
+        out: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            out["ssl_context"] = self.ssl_context or ssl.create_default_context()
+        if self.security_protocol.startswith("SASL_"):
+            out["sasl_mechanism"] = self.sasl_mechanism
+            out["sasl_plain_username"] = self.sasl_username
+            out["sasl_plain_password"] = self.sasl_password
+        return out
+
+
+#: A plain bootstrap string (no TLS, no SASL) or a full client config.
+KafkaAddress = KafkaClientConfig | str
+
+
+def kafka_options(kafka: KafkaAddress) -> dict[str, Any]:
+    """aiokafka keyword arguments for ``kafka``: bootstrap servers, TLS, SASL."""
+    if isinstance(kafka, KafkaClientConfig):
+        return kafka.options()
+    return {"bootstrap_servers": kafka}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +126,7 @@ class KafkaPublisher:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: KafkaAddress,
         *,
         client_id: str,
         idempotence: bool,
@@ -104,7 +152,7 @@ class KafkaPublisher:
             raise LifecycleError("KafkaPublisher.start() called twice")
         timeout_ms = int(self._publish_timeout_s * 1000)
         producer = AIOKafkaProducer(
-            bootstrap_servers=self._bootstrap,
+            **kafka_options(self._bootstrap),
             client_id=self._client_id,
             acks="all",
             enable_idempotence=self._idempotence,
@@ -182,7 +230,7 @@ class KafkaPublisher:
 
 
 async def ensure_topics(
-    bootstrap: str,
+    bootstrap: KafkaAddress,
     topics: Sequence[str],
     *,
     partitions: int = 3,
@@ -195,7 +243,7 @@ async def ensure_topics(
     ``timeout_s`` or refuses a topic.
     """
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        **kafka_options(bootstrap), request_timeout_ms=int(timeout_s * 1000)
     )
     try:
         async with asyncio.timeout(timeout_s):

@@ -30,6 +30,7 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 from adapters.hl7v2.er7 import header_for_unparseable
 from adapters.mllp.client import MLLPClient
 from bridge.errors import BridgeError, ConfigError, UnavailableError
+from bridge.kafka import KafkaAddress, kafka_options
 from bridge.sender import ACCEPTED, parse_address, summarize_ack
 
 HL7V2: Final = "hl7v2"
@@ -236,7 +237,7 @@ def filter_records(records: Iterable[_R], selection: Selection) -> list[_R]:
 
 
 async def select_records(
-    bootstrap: str,
+    bootstrap: KafkaAddress,
     topic: str,
     *,
     partitions: Sequence[int] | None = None,
@@ -300,14 +301,14 @@ async def read_until(
 
 
 async def _read_topic(
-    bootstrap: str, topic: str, selection: Selection, *, timeout_s: float
+    bootstrap: KafkaAddress, topic: str, selection: Selection, *, timeout_s: float
 ) -> list[Any]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.errors import KafkaError
 
     request_timeout_ms = max(1000, int(timeout_s * 1000))
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka_options(bootstrap),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

@@ -71,8 +71,9 @@ class BridgeInstance:
             session_timeout_s=settings.zookeeper_session_timeout_s,
             digest=settings.zookeeper_digest_value,
         )
+        self.kafka = settings.kafka_client()
         self.publisher = KafkaPublisher(
-            settings.kafka,
+            self.kafka,
             client_id=f"hl7bridge-{settings.instance_id}",
             idempotence=settings.kafka_idempotence,
             compression=settings.kafka_compression,
@@ -149,11 +150,11 @@ class BridgeInstance:
             # A previous owner's publish may land until its timeout has passed.
             in_doubt_grace_s=settings.kafka_publish_timeout_s + 2.0,
         )
-        self._in_doubt = KafkaEventLookup(settings.kafka, self.topics.raw_hl7v2)
+        self._in_doubt = KafkaEventLookup(self.kafka, self.topics.raw_hl7v2)
         self.diagnosis = DiagnosisDuties(
             self.zookeeper,
             self.cluster.election,
-            bootstrap=settings.kafka,
+            bootstrap=self.kafka,
             diagnosis_topic=self.topics.diagnosis,
             topics=lambda: [
                 self.topics.events,
@@ -362,7 +363,7 @@ class BridgeInstance:
         if not self.settings.kafka_provision_topics:
             return
         await ensure_topics(
-            self.settings.kafka,
+            self.kafka,
             [*self.topics.all(), *routed_topics(self.settings.topic_prefix, config)],
             partitions=self.settings.kafka_partitions,
             replication_factor=self.settings.kafka_replication_factor,

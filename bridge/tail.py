@@ -27,7 +27,7 @@ import orjson
 
 from bridge.envelope import TYPE_PREFIX
 from bridge.errors import ConfigError, UnavailableError
-from bridge.kafka import Topics
+from bridge.kafka import KafkaAddress, Topics, kafka_options
 from bridge.replay import (
     HL7V2,
     RecordLike,
@@ -231,7 +231,7 @@ class Start:
 
 
 async def tail(
-    bootstrap: str,
+    bootstrap: KafkaAddress,
     topics: Sequence[str],
     trace: Trace,
     show: Callable[[Any], None],
@@ -253,7 +253,7 @@ async def tail(
     from aiokafka.errors import KafkaError
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka_options(bootstrap),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

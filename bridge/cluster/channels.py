@@ -43,6 +43,7 @@ from bridge.cluster import layout
 from bridge.cluster.election import LeaderElection
 from bridge.coordination import Rerun, ZooKeeperSession, write_checked
 from bridge.errors import CoordinationError, describe_failure
+from bridge.kafka import KafkaAddress, kafka_options
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +410,7 @@ class KafkaEventLookup:
     among the records of the last ``lookback_s`` seconds (all of them when the broker
     cannot search by time)."""
 
-    def __init__(self, bootstrap: str, topic: str, *, lookback_s: float = 600.0) -> None:
+    def __init__(self, bootstrap: KafkaAddress, topic: str, *, lookback_s: float = 600.0) -> None:
         self._bootstrap = bootstrap
         self._topic = topic
         self._lookback_s = lookback_s
@@ -417,7 +418,7 @@ class KafkaEventLookup:
     async def published(self, event_id: str) -> bool:
         wanted = event_id.encode()
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
+            **kafka_options(self._bootstrap),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

@@ -42,7 +42,7 @@ from bridge.coordination import ZooKeeperSession, write_checked
 from bridge.diagnosis import cases as c
 from bridge.diagnosis.rules import EventFacts, matching_rules
 from bridge.errors import CoordinationError, describe_failure
-from bridge.kafka import OutRecord
+from bridge.kafka import KafkaAddress, OutRecord, kafka_options
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class DiagnosisDuties:
         session: ZooKeeperSession,
         election: LeaderElection,
         *,
-        bootstrap: str,
+        bootstrap: KafkaAddress,
         diagnosis_topic: str,
         topics: Callable[[], list[str]],
         rules: Callable[[], list[DiagnosisRule]],
@@ -158,7 +158,7 @@ class DiagnosisDuties:
 
     async def _open_cases(self) -> None:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._bootstrap,
+            **kafka_options(self._bootstrap),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -398,12 +398,10 @@ async def topic_partitions(
 
 
 async def fetch_record(
-    bootstrap: str, topic: str, partition: int, offset: int
+    bootstrap: KafkaAddress, topic: str, partition: int, offset: int
 ) -> ConsumerRecord[bytes, bytes] | None:
     """The record at a Kafka coordinate (None if it is gone: retention)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
-    )
+    consumer = AIOKafkaConsumer(**kafka_options(bootstrap), group_id=None, enable_auto_commit=False)
     try:
         await consumer.start()  # inside: a failed start is stopped too (no leak)
         tp = TopicPartition(topic, partition)
@@ -422,6 +420,6 @@ async def fetch_record(
         await consumer.stop()
 
 
-async def fetch_key(bootstrap: str, case: c.Case) -> bytes | None:
+async def fetch_key(bootstrap: KafkaAddress, case: c.Case) -> bytes | None:
     record = await fetch_record(bootstrap, case.topic, case.partition, case.offset)
     return None if record is None else record.key

@@ -50,7 +50,7 @@ from bridge.diagnosis.handlers import CaseInfo, Handler, HandlerError
 from bridge.diagnosis.leader import fetch_record
 from bridge.envelope import now_rfc3339
 from bridge.errors import BridgeError, CoordinationError, describe_failure
-from bridge.kafka import KafkaPublisher, Topics
+from bridge.kafka import KafkaAddress, KafkaPublisher, Topics
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 class SubscriberSettings:
     zookeeper: str
     base_path: str
-    kafka: str
+    #: Bootstrap servers, or a full client config (TLS, SASL).
+    kafka: KafkaAddress
     topic_prefix: str
     rules: tuple[str, ...]
     subscriber_id: str = field(

@@ -255,3 +255,93 @@ def test_validation_error_does_not_chain_the_pydantic_error() -> None:
         settings(environ={"HL7BRIDGE_MLLP_PORT": "x"})
     assert caught.value.__cause__ is None
     assert caught.value.__suppress_context__ is True
+
+
+# --- Kafka security --------------------------------------------------------------------------
+
+
+def test_plaintext_kafka_by_default_is_just_the_bootstrap() -> None:
+    client = settings().kafka_client()
+    assert client.options() == {
+        "bootstrap_servers": "127.0.0.1:9092",
+        "security_protocol": "PLAINTEXT",
+    }
+
+
+def test_kafka_tls_with_a_ca_and_a_client_certificate(tls_cert: tuple[Path, Path]) -> None:
+    cert, key = tls_cert
+    client = settings(
+        environ={
+            "HL7BRIDGE_KAFKA_SECURITY_PROTOCOL": "SSL",
+            "HL7BRIDGE_KAFKA_SSL_CA_FILE": str(cert),
+            "HL7BRIDGE_KAFKA_SSL_CERT_FILE": str(cert),
+            "HL7BRIDGE_KAFKA_SSL_KEY_FILE": str(key),
+            "HL7BRIDGE_KAFKA_SSL_CHECK_HOSTNAME": "false",
+        }
+    ).kafka_client()
+    options = client.options()
+    assert options["security_protocol"] == "SSL" and "sasl_mechanism" not in options
+    context = options["ssl_context"]
+    assert context.check_hostname is False
+    assert [c["subject"] for c in context.get_ca_certs()] == [((("commonName", "localhost"),),)]
+
+
+def test_kafka_sasl_ssl_passes_the_user_and_never_shows_the_password() -> None:
+    client = settings(
+        environ={
+            "HL7BRIDGE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "HL7BRIDGE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
+            "HL7BRIDGE_KAFKA_SASL_USERNAME": "bridge",
+            "HL7BRIDGE_KAFKA_SASL_PASSWORD": "pa55word",
+        }
+    ).kafka_client()
+    options = client.options()
+    assert options["sasl_mechanism"] == "SCRAM-SHA-256"
+    assert (options["sasl_plain_username"], options["sasl_plain_password"]) == (
+        "bridge",
+        "pa55word",
+    )
+    assert options["ssl_context"].verify_mode.name == "CERT_REQUIRED"  # system CAs
+    assert "pa55word" not in repr(client) and str(client) == "127.0.0.1:9092"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"HL7BRIDGE_KAFKA_SSL_CA_FILE": "/etc/hostname"}, "kafka_security_protocol is PLAINTEXT"),
+        (
+            {
+                "HL7BRIDGE_KAFKA_SECURITY_PROTOCOL": "SSL",
+                "HL7BRIDGE_KAFKA_SSL_CERT_FILE": "/etc/hostname",
+            },
+            "must be set together",
+        ),
+        (
+            {
+                "HL7BRIDGE_KAFKA_SECURITY_PROTOCOL": "SSL",
+                "HL7BRIDGE_KAFKA_SSL_CA_FILE": "/nonexistent.pem",
+            },
+            "no such file",
+        ),
+        ({"HL7BRIDGE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "needs kafka_sasl_username"),
+        ({"HL7BRIDGE_KAFKA_SASL_USERNAME": "bridge"}, "a SASL user is set"),
+        ({"HL7BRIDGE_KAFKA_SECURITY_PROTOCOL": "TLS"}, "kafka_security_protocol"),
+    ],
+)
+def test_inconsistent_kafka_security_is_refused(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings(environ=environ)
+    assert message in str(caught.value)
+
+
+def test_an_unreadable_kafka_ca_file_is_a_config_error(tmp_path: Path) -> None:
+    bogus = write_yaml(tmp_path, "not a certificate", name="ca.pem")
+    loaded = settings(
+        environ={
+            "HL7BRIDGE_KAFKA_SECURITY_PROTOCOL": "SSL",
+            "HL7BRIDGE_KAFKA_SSL_CA_FILE": str(bogus),
+        }
+    )
+    with pytest.raises(ConfigError) as caught:
+        loaded.kafka_client()
+    assert caught.value.key == "kafka_ssl_ca_file"
