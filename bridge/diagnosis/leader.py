@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[Sequence[OutRecord]], Any]
 
+#: How long stop() lets the duties finish on their own before it cancels them.
+STOP_GRACE_S = 2.0
+
 #: How often the case opener saves its read positions in ZooKeeper, at most.
 OFFSET_SAVE_S = 1.0
 
@@ -132,11 +135,16 @@ class DiagnosisDuties:
         ]
 
     async def stop(self) -> None:
+        """Let the duties end on their own (each looks at the stop flag at least every
+        200 ms), cancelling only what still runs after ``STOP_GRACE_S``: a Kafka client
+        cancelled while it connects can leave its connection open."""
         self._stop.set()
         self._wake.set()
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+            for task in pending:
+                task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

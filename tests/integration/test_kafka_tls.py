@@ -151,8 +151,8 @@ def tail_command(bootstrap: str, prefix: str, settings: dict[str, Any]) -> list[
 
 
 async def test_the_bridge_publishes_over_mutual_tls_and_tail_reads_it_back(
+    tls_broker: TlsProxy,  # first: set up before the instance, so torn down after it
     start_instance: InstanceFactory,
-    tls_broker: TlsProxy,
     tls_cert: tuple[Path, Path],
     topic_prefix: str,
 ) -> None:
