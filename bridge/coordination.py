@@ -291,9 +291,15 @@ class Rerun:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self.request)
 
-    async def cancel(self) -> None:
+    async def cancel(self, *, grace_s: float = 0.0) -> None:
+        """Stop: a run in progress may finish for up to ``grace_s`` (when ``enabled`` has
+        turned False it does not go round again), then it is cancelled. A grace lets
+        a run that opens Kafka clients close them itself: one cancelled while it
+        connects can leave its connection open."""
         task, self._task = self._task, None
         if task is not None:
+            if grace_s > 0:
+                await asyncio.wait([task], timeout=grace_s)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

@@ -28,6 +28,9 @@ from bridge.errors import describe_failure
 
 log = logging.getLogger(__name__)
 
+#: How long stop() lets a pass of the leader duties finish before it is cancelled.
+STOP_GRACE_S = 2.0
+
 ConfigApplier = Callable[[ClusterConfig | None], None]
 Provisioner = Callable[[ClusterConfig | None], Awaitable[None]]
 
@@ -83,7 +86,7 @@ class ClusterNode:
         """Hand over: channels released, candidacy withdrawn (the next leader is
         elected at once, not after a session timeout)."""
         self._running = False
-        await self._duties.cancel()
+        await self._duties.cancel(grace_s=STOP_GRACE_S)  # its Kafka admin client closes
         await self.channels.stop()
         await self.election.stop()
 
