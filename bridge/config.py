@@ -132,6 +132,11 @@ class Settings(BaseModel):
     """PEM private key of that certificate."""
     mllp_tls_client_ca_file: Path | None = None
     """PEM CA bundle: when set, senders must present a client certificate it signed (mTLS)."""
+    mllp_proxy_protocol: bool = False
+    """Behind a load balancer that sends the PROXY protocol (HAProxy ``send-proxy-v2``,
+    a cloud balancer's proxy protocol): read the header every connection starts with,
+    so logs and DLQ records name the sender, not the balancer. A connection without
+    it is closed. Not with MLLP TLS at the bridge (the header precedes the handshake)."""
 
     # --- HTTP -----------------------------------------------------------------
     http_host: str = "0.0.0.0"
@@ -273,6 +278,15 @@ class Settings(BaseModel):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: no such file {path}")
+        return self
+
+    @model_validator(mode="after")
+    def _proxy_protocol(self) -> Settings:
+        if self.mllp_proxy_protocol and self.mllp_tls_cert_file is not None:
+            raise ValueError(
+                "mllp_proxy_protocol cannot be combined with MLLP TLS at the bridge: "
+                "terminate TLS at the load balancer, or pass TLS through without the header"
+            )
         return self
 
     @model_validator(mode="after")

@@ -124,6 +124,7 @@ class BridgeInstance:
                 max_queued_bytes=settings.max_queued_bytes,
                 drain_timeout_s=settings.drain_timeout_s,
                 ssl=settings.mllp_ssl_context(),
+                proxy_protocol=settings.mllp_proxy_protocol,
             ),
             self.pipeline,
         )

@@ -54,6 +54,7 @@ from .codec import (
     MLLPDecoder,
     encode_frame,
 )
+from .proxy import ProxyHeaderError, ProxyHeaderReader
 
 __all__ = [
     "FrameHandler",
@@ -121,6 +122,10 @@ class MLLPServerSettings:
     over_limit_wait_s: float = 5.0
     """How long a connection over ``max_connections`` may take to send the frame we
     answer with TOO_MANY_CONNECTIONS before it is closed unanswered."""
+    proxy_protocol: bool = False
+    """Every connection starts with a PROXY protocol v1/v2 header (from a load
+    balancer); the sender it names becomes the connection's peer. Without one the
+    connection is closed."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -173,6 +178,7 @@ class _Connection(asyncio.Protocol):
         self._peer_eof = False
         self._abandoned = False  # stop() answered everything; write nothing more
         self._lost = False
+        self._proxy = ProxyHeaderReader() if self._settings.proxy_protocol else None
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -221,6 +227,11 @@ class _Connection(asyncio.Protocol):
         self._last_activity = self._loop.time()
         if self._abandoned:
             return
+        if self._proxy is not None:
+            rest = self._read_proxy_header(data)
+            if not rest:
+                return
+            data = rest
         events = self._decoder.feed(data)
         if not events:
             return
@@ -265,6 +276,26 @@ class _Connection(asyncio.Protocol):
                 if over_global:
                     server._paused_for_backlog.add(self)
                 logger.debug("MLLP reading paused for %s: %d frames queued", self.peer, len(queue))
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        """Consume the PROXY header; the bytes after it (b"" while it is incomplete)."""
+        assert self._proxy is not None
+        try:
+            done = self._proxy.feed(data)
+        except ProxyHeaderError as exc:
+            logger.warning("MLLP connection from %s closed: %s", self.peer, exc)
+            self._abandoned = True
+            if self._transport is not None:
+                self._transport.close()
+            return b""
+        if done is None:
+            return b""
+        self._proxy = None
+        source, rest = done
+        if source is not None:
+            proxy, self.peer = self.peer, _format_peer(source)
+            logger.debug("MLLP connection from %s via %s", self.peer, proxy)
+        return rest
 
     def eof_received(self) -> bool | None:
         self._peer_eof = True

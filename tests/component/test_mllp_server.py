@@ -41,9 +41,11 @@ class EchoHandler:
         self.rejected: list[tuple[bytes, RejectReason]] = []
         self.started = asyncio.Event()
         self.cancelled = 0
+        self.peers: list[str] = []
 
     async def handle_frame(self, payload: bytes, peer: str) -> bytes:
         assert ":" in peer
+        self.peers.append(peer)
         self.started.set()
         try:
             if self.delay_s:
@@ -540,3 +542,30 @@ async def test_tls_round_trip(tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext
     ):
         for i in range(20):
             assert await client.send(b"MSH|tls%d" % i) == b"ACK:MSH|tls%d" % i
+
+
+# -- PROXY protocol (behind a load balancer) --------------------------------------
+
+
+async def test_the_proxy_header_names_the_sender_the_handler_sees() -> None:
+    handler = EchoHandler()
+    async with serving(handler, proxy_protocol=True) as server, raw_peer(server) as peer:
+        await peer.send(b"PROXY TCP4 203.0.113.7 10.0.0.5 40001 2575\r\n")
+        await peer.send(encode_frame(b"one"))
+        await peer.send(encode_frame(b"two"))
+        assert await peer.replies(2) == [b"ACK:one", b"ACK:two"]
+    assert handler.peers == ["203.0.113.7:40001", "203.0.113.7:40001"]
+
+
+async def test_a_connection_without_the_proxy_header_is_closed_unanswered() -> None:
+    handler = EchoHandler()
+    async with serving(handler, proxy_protocol=True) as server:
+        async with raw_peer(server) as direct:
+            await direct.send(encode_frame(SECRET))
+            assert await direct.at_eof()
+        async with raw_peer(server) as proxied:  # still serving the balancer
+            await proxied.send(
+                b"PROXY TCP4 198.51.100.2 10.0.0.5 5000 2575\r\n" + encode_frame(b"x")
+            )
+            assert await proxied.replies(1) == [b"ACK:x"]
+    assert handler.handled == [b"x"] and handler.peers == ["198.51.100.2:5000"]

@@ -387,3 +387,29 @@ async def test_mapping_workers_stop_with_the_instance(
     await instance.stop()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped: no such process any more
+
+
+async def test_behind_a_proxy_protocol_balancer_the_dlq_names_the_sender(
+    start_instance: InstanceFactory, broker: Any, topic_prefix: str
+) -> None:
+    from adapters.mllp.codec import MLLPDecoder, encode_frame
+
+    instance = await start_instance(
+        broker.bootstrap, mllp_proxy_protocol=True, accept_message_types=("ORU",)
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", instance.mllp.port)
+    try:
+        header = b"PROXY TCP4 203.0.113.7 10.0.0.5 40001 2575\r\n"
+        writer.write(header + encode_frame(_adt(control="VIA-LB")))  # ADT: not accepted
+        await writer.drain()
+        decoder, frames = MLLPDecoder(), []
+        async with asyncio.timeout(15):
+            while not frames:
+                frames = [
+                    e for e in decoder.feed(await reader.read(65536)) if hasattr(e, "payload")
+                ]
+    finally:
+        writer.close()
+    assert _msa(frames[0].payload) == ("AR", "VIA-LB")
+    (record,) = await read_topic(broker.bootstrap, f"{topic_prefix}.dlq", min_records=1)
+    assert dict(record.headers)["dlq_peer"] == b"203.0.113.7:40001"

@@ -345,3 +345,17 @@ def test_an_unreadable_kafka_ca_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         loaded.kafka_client()
     assert caught.value.key == "kafka_ssl_ca_file"
+
+
+def test_proxy_protocol_with_mllp_tls_at_the_bridge_is_refused(tls_cert: tuple[Path, Path]) -> None:
+    cert, key = tls_cert
+    assert settings(environ={"HL7BRIDGE_MLLP_PROXY_PROTOCOL": "true"}).mllp_proxy_protocol
+    with pytest.raises(ConfigError) as caught:
+        settings(
+            environ={
+                "HL7BRIDGE_MLLP_PROXY_PROTOCOL": "true",
+                "HL7BRIDGE_MLLP_TLS_CERT_FILE": str(cert),
+                "HL7BRIDGE_MLLP_TLS_KEY_FILE": str(key),
+            }
+        )
+    assert "mllp_proxy_protocol cannot be combined with MLLP TLS" in str(caught.value)

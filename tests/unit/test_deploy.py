@@ -426,6 +426,8 @@ def test_haproxy_balances_every_bridge_with_readyz_checks(compose_settings: Sett
         assert words[0] == f"{name}:{mllp_port}"
         assert "check" in words
         assert words[words.index("port") + 1] == str(http_port)
+        # A PROXY header exactly when the bridges expect one (else every frame is lost).
+        assert ("send-proxy-v2" in words) == compose_settings.mllp_proxy_protocol
     # The bridge, not the proxy, closes an idle MLLP connection.
     assert _seconds(_directive(front, "timeout client")) > compose_settings.idle_timeout_s
     assert _seconds(_directive(back, "timeout server")) > compose_settings.idle_timeout_s
