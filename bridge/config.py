@@ -53,6 +53,26 @@ def _default_instance_id() -> str:
     return f"{host}-{uuid.uuid4().hex[:8]}"
 
 
+def _server_context(
+    listener: str, cert: Path | None, key: Path | None, client_ca: Path | None
+) -> ssl.SSLContext | None:
+    """A listener's TLS context (client certificates required with ``client_ca``)."""
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load the {listener} TLS certificate, key or CA: {exc}",
+            key=f"{listener.lower()}_tls_cert_file",
+        ) from exc
+    return context
+
+
 class Settings(BaseModel):
     """Settings of one bridge instance. Units are in the names."""
 
@@ -143,6 +163,13 @@ class Settings(BaseModel):
     """Address the HTTP server binds."""
     http_port: int = Field(default=8080, ge=0, le=65535)
     """HTTP port for FHIR ingest (/fhir), /healthz, /readyz, /metrics (0 = any free port)."""
+    http_tls_cert_file: Path | None = None
+    """PEM certificate (chain) of the HTTP listener; set with the key to serve FHIR,
+    health, metrics and the dashboard over HTTPS."""
+    http_tls_key_file: Path | None = None
+    """PEM private key of that certificate."""
+    http_tls_client_ca_file: Path | None = None
+    """PEM CA bundle: when set, HTTPS clients must present a certificate it signed."""
 
     # --- FHIR REST ingest (under /fhir on the HTTP port) -------------------------
     fhir_max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=1024**3)
@@ -270,14 +297,16 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
-        if (self.mllp_tls_cert_file is None) != (self.mllp_tls_key_file is None):
-            raise ValueError("mllp_tls_cert_file and mllp_tls_key_file must be set together")
-        if self.mllp_tls_client_ca_file is not None and self.mllp_tls_cert_file is None:
-            raise ValueError("mllp_tls_client_ca_file needs mllp_tls_cert_file and its key")
-        for name in ("mllp_tls_cert_file", "mllp_tls_key_file", "mllp_tls_client_ca_file"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"{name}: no such file {path}")
+        for listener in ("mllp", "http"):
+            cert, key, ca = (f"{listener}_tls_{n}_file" for n in ("cert", "key", "client_ca"))
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ValueError(f"{cert} and {key} must be set together")
+            if getattr(self, ca) is not None and getattr(self, cert) is None:
+                raise ValueError(f"{ca} needs {cert} and its key")
+            for name in (cert, key, ca):
+                path = getattr(self, name)
+                if path is not None and not path.is_file():
+                    raise ValueError(f"{name}: no such file {path}")
         return self
 
     @model_validator(mode="after")
@@ -338,20 +367,16 @@ class Settings(BaseModel):
         )
 
     def mllp_ssl_context(self) -> ssl.SSLContext | None:
-        """The listener's TLS context, or None for plain MLLP."""
-        if self.mllp_tls_cert_file is None or self.mllp_tls_key_file is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            context.load_cert_chain(self.mllp_tls_cert_file, self.mllp_tls_key_file)
-            if self.mllp_tls_client_ca_file is not None:
-                context.verify_mode = ssl.CERT_REQUIRED
-                context.load_verify_locations(cafile=self.mllp_tls_client_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"cannot load the MLLP TLS certificate, key or CA: {exc}", key="mllp_tls_cert_file"
-            ) from exc
-        return context
+        """The MLLP listener's TLS context, or None for plain MLLP."""
+        return _server_context(
+            "MLLP", self.mllp_tls_cert_file, self.mllp_tls_key_file, self.mllp_tls_client_ca_file
+        )
+
+    def http_ssl_context(self) -> ssl.SSLContext | None:
+        """The HTTP listener's TLS context, or None for plain HTTP."""
+        return _server_context(
+            "HTTP", self.http_tls_cert_file, self.http_tls_key_file, self.http_tls_client_ca_file
+        )
 
     def mapping_options(self) -> MappingOptions:
         """The settings that change what a message maps to (pipeline and convert alike)."""

@@ -198,7 +198,8 @@ class BridgeInstance:
 
     @property
     def http_url(self) -> str:
-        return f"http://{_display_host(self.settings.http_host)}:{self._http_port}"
+        scheme = "http" if self.settings.http_tls_cert_file is None else "https"
+        return f"{scheme}://{_display_host(self.settings.http_host)}:{self._http_port}"
 
     def ready_line(self) -> str:
         """The one stdout line scripts wait for."""
@@ -307,7 +308,12 @@ class BridgeInstance:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
+        site = web.TCPSite(
+            runner,
+            self.settings.http_host,
+            self.settings.http_port,
+            ssl_context=self.settings.http_ssl_context(),
+        )
         await site.start()
         server = site._server  # aiohttp exposes no public accessor for the bound port
         sockets = getattr(server, "sockets", None) or []

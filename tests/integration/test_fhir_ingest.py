@@ -369,3 +369,44 @@ async def test_broker_outage_answers_503_with_retry_after_then_accepts(
         "id": "p503",
         "active": False,
     }
+
+
+async def test_fhir_over_https_with_client_certificates(
+    start_instance: InstanceFactory,
+    broker: Any,
+    topic_prefix: str,
+    examples_dir: Path,
+    tls_cert: tuple[Path, Path],
+) -> None:
+    import ssl
+
+    cert, key = tls_cert
+    instance = await start_instance(
+        broker.bootstrap,
+        http_tls_cert_file=cert,
+        http_tls_key_file=key,
+        http_tls_client_ca_file=cert,  # the test's one cert signs itself: client cert too
+    )
+    assert instance.http_url.startswith("https://")
+    url = instance.http_url.replace("0.0.0.0", "127.0.0.1") + "/fhir/Observation"
+    body = (examples_dir / "Observation-f001.json").read_bytes()
+    trusted = ssl.create_default_context(cafile=str(cert))  # names 127.0.0.1 too
+    trusted.load_cert_chain(cert, key)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusted)) as https,
+        https.post(url, data=body, headers={"Content-Type": FHIR_JSON}) as response,
+    ):
+        assert response.status == 202
+        event_id = response.headers["X-Event-Id"]
+    records = await read_topic(broker.bootstrap, f"{topic_prefix}.events", min_records=1)
+    assert [dict(r.headers)["ce_id"].decode() for r in records] == [event_id]
+
+    anonymous = ssl.create_default_context(cafile=str(cert))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=anonymous)) as https:
+        with pytest.raises(aiohttp.ClientError):  # no client certificate: no handshake
+            async with https.post(url, data=body, headers={"Content-Type": FHIR_JSON}):
+                pass
+    async with aiohttp.ClientSession() as plain:  # plain HTTP on the HTTPS port
+        with pytest.raises(aiohttp.ClientError):
+            async with plain.post(url.replace("https://", "http://"), data=body):
+                pass

@@ -359,3 +359,17 @@ def test_proxy_protocol_with_mllp_tls_at_the_bridge_is_refused(tls_cert: tuple[P
             }
         )
     assert "mllp_proxy_protocol cannot be combined with MLLP TLS" in str(caught.value)
+
+
+@pytest.mark.parametrize("listener", ["mllp", "http"])
+def test_a_listener_certificate_needs_its_key(listener: str, tls_cert: tuple[Path, Path]) -> None:
+    cert, key = tls_cert
+    prefix = f"HL7BRIDGE_{listener.upper()}_TLS"
+    with pytest.raises(ConfigError) as caught:
+        settings(environ={f"{prefix}_CERT_FILE": str(cert)})
+    assert f"{listener}_tls_cert_file and {listener}_tls_key_file must be set together" in str(
+        caught.value
+    )
+    loaded = settings(environ={f"{prefix}_CERT_FILE": str(cert), f"{prefix}_KEY_FILE": str(key)})
+    context = getattr(loaded, f"{listener}_ssl_context")()
+    assert context is not None and context.verify_mode.name == "CERT_NONE"  # no client CA
