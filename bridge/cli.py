@@ -229,6 +229,10 @@ CLUSTER_SETTINGS = (
     "zookeeper_chroot",
     "zookeeper_session_timeout_s",
     "zookeeper_digest",
+    "zookeeper_tls",
+    "zookeeper_tls_ca_file",
+    "zookeeper_tls_cert_file",
+    "zookeeper_tls_key_file",
     "cluster",
 )
 
@@ -271,6 +275,7 @@ def _cluster_command(
             connect_timeout_s=args.connect_timeout_s,
             create_base=writes,
             digest=settings.zookeeper_digest_value,
+            tls=settings.zookeeper_tls_options(),
         )
         await session.start()
         try:
@@ -449,6 +454,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         "max_attempts": args.max_attempts,
         "session_timeout_s": settings.zookeeper_session_timeout_s,
         "digest": settings.zookeeper_digest_value,
+        "zookeeper_tls": settings.zookeeper_tls_options(),
         "kafka_idempotence": settings.kafka_idempotence,
         "kafka_publish_timeout_s": settings.kafka_publish_timeout_s,
     }

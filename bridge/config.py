@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from bridge.coordination import ZooKeeperTls
 from bridge.errors import ConfigError
 from bridge.kafka import KafkaClientConfig
 from bridge.normalize.context import MappingOptions
@@ -88,6 +89,14 @@ class Settings(BaseModel):
     zookeeper_digest: SecretStr | None = None
     """``user:password`` for ZooKeeper digest authentication; when set, every znode the
     bridge creates gets an ACL that allows this identity only."""
+    zookeeper_tls: bool = False
+    """Connect to ZooKeeper's secure client port over TLS (``secureClientPort``)."""
+    zookeeper_tls_ca_file: Path | None = None
+    """PEM CA bundle ZooKeeper's certificate is checked against (default: the system's)."""
+    zookeeper_tls_cert_file: Path | None = None
+    """PEM client certificate, for ``ssl.clientAuth=need`` (with its key file)."""
+    zookeeper_tls_key_file: Path | None = None
+    """PEM key of ``zookeeper_tls_cert_file``."""
     cluster: str = "default"
     """Cluster name: instances with the same name coordinate."""
     instance_id: str = Field(default_factory=_default_instance_id)
@@ -308,6 +317,29 @@ class Settings(BaseModel):
                 if path is not None and not path.is_file():
                     raise ValueError(f"{name}: no such file {path}")
         return self
+
+    @model_validator(mode="after")
+    def _zookeeper_tls(self) -> Settings:
+        files = ("zookeeper_tls_ca_file", "zookeeper_tls_cert_file", "zookeeper_tls_key_file")
+        for name in files:
+            path = getattr(self, name)
+            if path is not None and not self.zookeeper_tls:
+                raise ValueError(f"{name} is set but zookeeper_tls is false")
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file {path}")
+        if (self.zookeeper_tls_cert_file is None) != (self.zookeeper_tls_key_file is None):
+            raise ValueError(
+                "zookeeper_tls_cert_file and zookeeper_tls_key_file must be set together"
+            )
+        return self
+
+    def zookeeper_tls_options(self) -> ZooKeeperTls | None:
+        """How to reach ZooKeeper over TLS, or None for plain connections."""
+        if not self.zookeeper_tls:
+            return None
+        return ZooKeeperTls(
+            self.zookeeper_tls_ca_file, self.zookeeper_tls_cert_file, self.zookeeper_tls_key_file
+        )
 
     @model_validator(mode="after")
     def _proxy_protocol(self) -> Settings:

@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
@@ -41,6 +43,25 @@ T = TypeVar("T")
 StateListener = Callable[[str], None]
 
 
+@dataclass(frozen=True, slots=True)
+class ZooKeeperTls:
+    """TLS to ZooKeeper's secure client port: the CA its certificate is checked against
+    (None: the system's) and, for ``ssl.clientAuth=need``, a client certificate."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    def kazoo_options(self) -> dict[str, Any]:
+        return {
+            "use_ssl": True,
+            "verify_certs": True,
+            "ca": None if self.ca_file is None else str(self.ca_file),
+            "certfile": None if self.cert_file is None else str(self.cert_file),
+            "keyfile": None if self.key_file is None else str(self.key_file),
+        }
+
+
 class ZooKeeperSession:
     """One kazoo client, its base path, and its state carried into asyncio."""
 
@@ -53,8 +74,10 @@ class ZooKeeperSession:
         connect_timeout_s: float = 15.0,
         create_base: bool = True,
         digest: str | None = None,
+        tls: ZooKeeperTls | None = None,
     ) -> None:
         self.servers = servers
+        self._tls = tls
         self.base_path = base_path.rstrip("/") or "/"
         self._session_timeout_s = session_timeout_s
         self._connect_timeout_s = connect_timeout_s
@@ -103,6 +126,7 @@ class ZooKeeperSession:
             hosts=self.servers,
             timeout=self._session_timeout_s,
             **auth,
+            **({} if self._tls is None else self._tls.kazoo_options()),
             connection_retry=KazooRetry(max_tries=-1, delay=0.2, max_delay=2.0),
             command_retry=KazooRetry(max_tries=3, delay=0.1, max_delay=1.0),
         )

@@ -74,6 +74,14 @@ _ZOOKEEPER_LOG_JARS = (
     Path("/usr/share/java/slf4j-log4j12.jar"),
     Path("/usr/share/java/log4j-1.2.jar"),
 )
+#: Netty, which ZooKeeper's TLS client port (``secureClientPort``) needs.
+_NETTY_JARS = tuple(
+    Path("/usr/share/java") / f"netty-{part}.jar"
+    for part in (
+        "buffer", "codec", "common", "handler", "resolver", "transport",
+        "transport-native-epoll", "transport-native-unix-common",
+    )
+)  # fmt: skip
 #: The JVM defaults to a quarter of the machine's memory; a dev ZooKeeper needs little.
 _ZOOKEEPER_JVM_OPTIONS = ("-Xms16m", "-Xmx256m", "-XX:+UseSerialGC")
 
@@ -347,9 +355,14 @@ class EmbeddedZooKeeper(_ServerProcess):
         zookeeper_jar: Path = DEFAULT_ZOOKEEPER_JAR,
         tick_time_ms: int = 500,
         startup_timeout_s: float = 30.0,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         super().__init__(host=host, port=port, startup_timeout_s=startup_timeout_s)
         self.data_dir = data_dir.resolve()
+        #: (certificate, key) PEM files: serve a TLS client port too, requiring client
+        #: certificates signed by that certificate (tests of ``zookeeper_tls``).
+        self._tls = tls
+        self.secure_port: int | None = None
         self.log_path = self.data_dir / "zookeeper.log"
         self._java = java
         self._zookeeper_jar = zookeeper_jar
@@ -360,6 +373,13 @@ class EmbeddedZooKeeper(_ServerProcess):
     def hosts(self) -> str:
         """The kazoo connection string, ``host:port``."""
         return f"{self._host}:{self.port}"
+
+    @property
+    def secure_hosts(self) -> str:
+        """The connection string of the TLS client port (``tls`` given)."""
+        if self.secure_port is None:
+            raise LifecycleError("ZooKeeper has no TLS port (tls not given, or not started)")
+        return f"{self._host}:{self.secure_port}"
 
     def _check_installed(self) -> None:
         java_path = shutil.which(self._java)
@@ -394,6 +414,8 @@ class EmbeddedZooKeeper(_ServerProcess):
             "%d{ISO8601} %-5p [%t:%C{1}@%L] - %m%n\n"
         )
         class_path = [self._zookeeper_jar, *(p for p in _ZOOKEEPER_LOG_JARS if p.is_file())]
+        if self._tls is not None:
+            class_path += [p for p in _NETTY_JARS if p.is_file()]
         return [
             self._java_path,
             *_ZOOKEEPER_JVM_OPTIONS,
@@ -419,6 +441,26 @@ class EmbeddedZooKeeper(_ServerProcess):
             "maxSessionTimeout=60000\n"
             # The readiness probe and operators' `echo mntr | nc` need these.
             "4lw.commands.whitelist=*\n"
+        ) + self._tls_config()
+
+    def _tls_config(self) -> str:
+        if self._tls is None:
+            return ""
+        cert, key = self._tls
+        if self.secure_port is None:
+            self.secure_port = free_port(self._host)
+        keystore = self.data_dir / "keystore.pem"
+        keystore.write_bytes(key.read_bytes() + cert.read_bytes())
+        keystore.chmod(0o600)
+        return (
+            f"secureClientPort={self.secure_port}\n"
+            f"secureClientPortAddress={self._host}\n"
+            "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n"
+            f"ssl.keyStore.location={keystore}\n"
+            "ssl.keyStore.type=PEM\n"
+            f"ssl.trustStore.location={cert.resolve()}\n"
+            "ssl.trustStore.type=PEM\n"
+            "ssl.clientAuth=need\n"
         )
 
     def _probe(self, port: int) -> bool:

@@ -70,6 +70,7 @@ class BridgeInstance:
             settings.zookeeper_base_path,
             session_timeout_s=settings.zookeeper_session_timeout_s,
             digest=settings.zookeeper_digest_value,
+            tls=settings.zookeeper_tls_options(),
         )
         self.kafka = settings.kafka_client()
         self.publisher = KafkaPublisher(

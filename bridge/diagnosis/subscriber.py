@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 from kazoo.exceptions import NodeExistsError, NoNodeError
 
-from bridge.coordination import Rerun, ZooKeeperSession
+from bridge.coordination import Rerun, ZooKeeperSession, ZooKeeperTls
 from bridge.diagnosis import cases as c
 from bridge.diagnosis.handlers import CaseInfo, Handler, HandlerError
 from bridge.diagnosis.leader import fetch_record
@@ -69,6 +69,7 @@ class SubscriberSettings:
     max_attempts: int = 3
     session_timeout_s: float = 6.0
     digest: str | None = None
+    zookeeper_tls: ZooKeeperTls | None = None
     kafka_idempotence: bool = False
     kafka_publish_timeout_s: float = 10.0
 
@@ -82,6 +83,7 @@ class Subscriber:
             settings.base_path,
             session_timeout_s=settings.session_timeout_s,
             digest=settings.digest,
+            tls=settings.zookeeper_tls,
         )
         self._topics = Topics(settings.topic_prefix)
         self._publisher = KafkaPublisher(

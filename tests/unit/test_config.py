@@ -373,3 +373,35 @@ def test_a_listener_certificate_needs_its_key(listener: str, tls_cert: tuple[Pat
     loaded = settings(environ={f"{prefix}_CERT_FILE": str(cert), f"{prefix}_KEY_FILE": str(key)})
     context = getattr(loaded, f"{listener}_ssl_context")()
     assert context is not None and context.verify_mode.name == "CERT_NONE"  # no client CA
+
+
+def test_zookeeper_tls_options(tls_cert: tuple[Path, Path]) -> None:
+    cert, key = tls_cert
+    assert settings().zookeeper_tls_options() is None
+    tls = settings(
+        environ={
+            "HL7BRIDGE_ZOOKEEPER_TLS": "true",
+            "HL7BRIDGE_ZOOKEEPER_TLS_CA_FILE": str(cert),
+            "HL7BRIDGE_ZOOKEEPER_TLS_CERT_FILE": str(cert),
+            "HL7BRIDGE_ZOOKEEPER_TLS_KEY_FILE": str(key),
+        }
+    ).zookeeper_tls_options()
+    assert tls is not None
+    assert tls.kazoo_options() == {
+        "use_ssl": True,
+        "verify_certs": True,
+        "ca": str(cert),
+        "certfile": str(cert),
+        "keyfile": str(key),
+    }
+    with pytest.raises(ConfigError) as caught:
+        settings(environ={"HL7BRIDGE_ZOOKEEPER_TLS_CA_FILE": str(cert)})
+    assert "zookeeper_tls is false" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        settings(
+            environ={
+                "HL7BRIDGE_ZOOKEEPER_TLS": "true",
+                "HL7BRIDGE_ZOOKEEPER_TLS_KEY_FILE": str(key),
+            }
+        )
+    assert "must be set together" in str(caught.value)
