@@ -73,6 +73,7 @@ from tests.benchmarks.mllp_bench import (
     TOPIC_PREFIX,
     Child,
     ack_fields,
+    add_run_options,
     describe_ack,
     emit,
     log,
@@ -743,8 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first add this many closed-case markers, as after days of cases (0)",
     )
-    parser.add_argument("--json", action="store_true", help="JSON on stdout, report on stderr")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
+    add_run_options(parser)
     return parser
 
 

@@ -66,6 +66,7 @@ from tests.benchmarks.mllp_bench import (
     Mode,
     PhaseResult,
     _ms,
+    add_run_options,
     cpu_rows,
     emit,
     errors_text,
@@ -662,8 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resource", type=Path, default=DEFAULT_RESOURCE, help="template Observation (JSON)"
     )
-    parser.add_argument("--json", action="store_true", help="JSON on stdout, report on stderr")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
+    add_run_options(parser)
     return parser
 
 

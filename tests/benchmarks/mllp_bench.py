@@ -804,6 +804,12 @@ def start_dev_only(workdir: Path, children: list[Child]) -> None:
     children.append(start_dev(workdir, TOPIC_PREFIX))
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--keep-logs``, which every benchmark that starts the dev stack has."""
+    parser.add_argument("--json", action="store_true", help="JSON on stdout, report on stderr")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
+
+
 def run_bench(
     workdir_prefix: str,
     *,
@@ -1123,8 +1129,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="event loop(s) of the python-hl7 peer (both: phase 2 on asyncio's only)",
     )
     parser.add_argument("--skip-peer", action="store_true", help="benchmark the bridge only")
-    parser.add_argument("--json", action="store_true", help="JSON on stdout, report on stderr")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
+    add_run_options(parser)
     return parser
 
 

@@ -67,6 +67,7 @@ from tests.benchmarks.mllp_bench import (
     MessageFactory,
     Phase,
     ack_fields,
+    add_run_options,
     close_connections,
     emit,
     log,
@@ -540,8 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="bridge RSS slope (second half) at most this is flat (1.0)",
     )
-    parser.add_argument("--json", action="store_true", help="JSON on stdout, report on stderr")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
+    add_run_options(parser)
     return parser
 
 
