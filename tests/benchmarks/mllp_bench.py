@@ -192,7 +192,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, index: int, lost: asyncio.Future[None]) -> None:
         self.index = index
         self.transport: asyncio.Transport | None = None
-        self.phase: Phase | None = None
+        self.phase: Driver | None = None
         self.lost = lost
         self.usable = True
         self._buf = bytearray()
@@ -290,7 +290,57 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-class Phase:
+class Driver:
+    """What a :class:`Connection` reports to (``on_reply``, ``on_lost``): the
+    bookkeeping of a set of connections that :class:`Phase` and the soak share.
+    Subclasses set ``conns``, ``idle`` and ``done`` and say what a reply and an
+    error mean."""
+
+    conns: list[Connection]
+    #: Indexes of the connections that have nothing more to send.
+    idle: set[int]
+    #: Set once every connection is idle.
+    done: asyncio.Future[None]
+
+    def on_reply(self, conn: Connection, payload: bytes | None) -> None:
+        raise NotImplementedError
+
+    def _error(self, kind: str, sample: str) -> None:
+        raise NotImplementedError
+
+    def on_lost(self, conn: Connection) -> None:
+        if conn.busy:
+            conn.busy = False
+            self._error("connection lost with a message in flight", f"connection {conn.index}")
+        elif conn.index not in self.idle:
+            self._error("connection lost", f"connection {conn.index}")
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        self._finish(conn)
+
+    def _finish(self, conn: Connection) -> None:
+        self.idle.add(conn.index)
+        if len(self.idle) == len(self.conns) and not self.done.done():
+            self.done.set_result(None)
+
+    def give_up(self) -> None:
+        """No ACK within ACK_TIMEOUT_S after sending stopped: the messages still in
+        flight count as unanswered, and their connections cannot be trusted."""
+        for conn in self.conns:
+            if conn.busy:
+                conn.busy = False
+                self._error(f"no ACK within {ACK_TIMEOUT_S:.0f} s", f"connection {conn.index}")
+                conn.usable = False  # a late ACK would answer the next message
+                if conn.transport is not None:
+                    conn.transport.abort()
+            if conn.timer is not None:
+                conn.timer.cancel()
+                conn.timer = None
+            self._finish(conn)
+
+
+class Phase(Driver):
     """One measured run over a set of connections, driven from the protocol callbacks.
 
     No task or future per message: a reply's callback records it and writes the
@@ -352,7 +402,7 @@ class Phase:
         now = time.perf_counter()
         loop.call_later(self.warm_end - now, self._snapshot, self.cpu_start)
         loop.call_later(self.end - now, self._snapshot, self.cpu_end)
-        hard = loop.call_later(self.hard_end - now, self._give_up)
+        hard = loop.call_later(self.hard_end - now, self.give_up)
         for conn in self.conns:
             if self.mode == "closed":
                 loop.call_later(self.t0 - now, self._send_now, conn)
@@ -454,33 +504,6 @@ class Phase:
         self.errors[kind] += 1
         if len(self.error_samples) < 5:
             self.error_samples.append(f"{kind}: {sample}")
-
-    def on_lost(self, conn: Connection) -> None:
-        if conn.busy:
-            conn.busy = False
-            self._error("connection lost with a message in flight", f"connection {conn.index}")
-        elif conn.index not in self.idle:
-            self._error("connection lost", f"connection {conn.index}")
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
-        self._finish(conn)
-
-    def _finish(self, conn: Connection) -> None:
-        self.idle.add(conn.index)
-        if len(self.idle) == len(self.conns) and not self.done.done():
-            self.done.set_result(None)
-
-    def _give_up(self) -> None:
-        """No ACK within ACK_TIMEOUT_S after the phase: the connection cannot be trusted."""
-        for conn in self.conns:
-            if conn.busy:
-                conn.busy = False
-                self._error(f"no ACK within {ACK_TIMEOUT_S:.0f} s", f"connection {conn.index}")
-                conn.usable = False  # a late ACK would answer the next message
-                if conn.transport is not None:
-                    conn.transport.abort()
-            self._finish(conn)
 
     def _snapshot(self, into: dict[str, float]) -> None:
         into["wall"] = time.perf_counter()

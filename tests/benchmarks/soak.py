@@ -64,8 +64,8 @@ from tests.benchmarks.mllp_bench import (
     TOPIC_PREFIX,
     Child,
     Connection,
+    Driver,
     MessageFactory,
-    Phase,
     ack_fields,
     add_run_options,
     close_connections,
@@ -168,11 +168,11 @@ class Answers:
             self.error_samples.append(f"{kind}: {sample}")
 
 
-class Soak:
+class Soak(Driver):
     """The open-loop driver: MLLP from protocol callbacks, FHIR from a few coroutines.
 
-    Stands in for mllp_bench's :class:`Phase` on each :class:`Connection` (the
-    connection calls ``on_reply`` and ``on_lost``); one message in flight per
+    A :class:`~tests.benchmarks.mllp_bench.Driver` like mllp_bench's :class:`Phase`
+    (each :class:`Connection` calls ``on_reply`` and ``on_lost``); one message in flight per
     connection, on a per-connection time grid of ``connections / mllp_rate``.
     """
 
@@ -198,17 +198,17 @@ class Soak:
         #: When the last message was written (late slots may be sent after ``end``).
         self.last_write = self.t0
         self.idle: set[int] = set()
-        self.mllp_done: asyncio.Future[None] = self.loop.create_future()
+        self.done: asyncio.Future[None] = self.loop.create_future()
         self._seq = 0
 
     # -- MLLP -----------------------------------------------------------------------------
 
     def start_mllp(self) -> None:
         if not self.conns or self.mllp_rate <= 0:
-            self.mllp_done.set_result(None)
+            self.done.set_result(None)
             return
         for conn in self.conns:
-            conn.phase = cast(Phase, self)  # duck-typed: on_reply and on_lost
+            conn.phase = self
             conn.slot = 0
             self._arm(conn)
 
@@ -263,34 +263,8 @@ class Soak:
         conn.slot += 1
         self._arm(conn)
 
-    def on_lost(self, conn: Connection) -> None:
-        if conn.busy:
-            conn.busy = False
-            self.mllp.error("connection lost with a message in flight", f"conn {conn.index}")
-        elif conn.index not in self.idle:
-            self.mllp.error("connection lost", f"connection {conn.index}")
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
-        self._finish(conn)
-
-    def _finish(self, conn: Connection) -> None:
-        self.idle.add(conn.index)
-        if len(self.idle) == len(self.conns) and not self.mllp_done.done():
-            self.mllp_done.set_result(None)
-
-    def give_up(self) -> None:
-        """No ACK within the drain time: count the messages still in flight as unanswered."""
-        for conn in self.conns:
-            if conn.busy:
-                conn.busy = False
-                self.mllp.error(f"no ACK within {ACK_TIMEOUT_S:.0f} s", f"conn {conn.index}")
-                conn.usable = False
-                if conn.transport is not None:
-                    conn.transport.abort()
-            if conn.timer is not None:
-                conn.timer.cancel()
-            self._finish(conn)
+    def _error(self, kind: str, sample: str) -> None:
+        self.mllp.error(kind, sample)
 
     # -- FHIR -----------------------------------------------------------------------------
 
@@ -657,12 +631,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 hard_end = soak.send_until + ACK_TIMEOUT_S
                 with_timeout = max(0.0, hard_end - time.perf_counter())
-                waiting: list[asyncio.Future[Any]] = [soak.mllp_done, *fhir_tasks]
+                waiting: list[asyncio.Future[Any]] = [soak.done, *fhir_tasks]
                 _, pending = await asyncio.wait(waiting, timeout=with_timeout)
-                if not soak.mllp_done.done():
+                if not soak.done.done():
                     soak.give_up()
                 for t in pending:
-                    if t is not soak.mllp_done:
+                    if t is not soak.done:
                         t.cancel()
                         soak.fhir.error("client still waiting at the hard end", "")
                 for t in fhir_tasks:
